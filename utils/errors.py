@@ -1,0 +1,24 @@
+"""The one error type users see, and the wrapper that turns it into a clean exit.
+
+Every problem caused by the user's input (a file, a flag, a cfg line) raises
+`UserInputError` with a one-line message that names the file, line or layer and says
+how to fix it. Scripts wrap `main` in `run_cli`, which prints that line and exits 2:
+no traceback for a user error. Anything else is a bug and keeps its traceback.
+"""
+import sys
+
+
+class UserInputError(Exception):
+    """A problem with the user's input; the message is shown to the user as is."""
+
+
+def run_cli(main, argv=None):
+    """Run `main(args)`-style entry point `main()` and map UserInputError to exit 2."""
+    try:
+        return main(argv)
+    except UserInputError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
