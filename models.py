@@ -1,0 +1,427 @@
+"""The Darknet model: build from a cfg, run it as Darknet does, read and write weights.
+
+    python -c "from models import Darknet; print(Darknet('cfg/yolov3-tiny.cfg'))"
+
+Layout, top-down: layer modules (conv block, maxpool, route, shortcut, yolo head), the
+`Darknet` model that wires them from the typed cfg layers, then weights I/O: Darknet
+`.weights` (byte-exact, size-checked against the cfg) and PyTorch `.pt` checkpoints.
+"""
+import math
+import os
+import pickle
+import zipfile
+from fractions import Fraction
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.errors import UserInputError
+from utils.fileio import atomic_output
+from utils.parse_config import check_layers, parse_model_cfg, resolve_refs
+
+# Darknet divides by sqrt(var) + 1e-6 and OpenCV by sqrt(var + 1e-6); with eps inside
+# the root, as PyTorch puts it, 1e-6 stays closest to both for small variances.
+BN_EPS = 1e-6
+BN_MOMENTUM = 0.03
+LEAKY_SLOPE = 0.1
+
+
+def make_activation(name):
+    return {'leaky': lambda: nn.LeakyReLU(LEAKY_SLOPE), 'mish': nn.Mish, 'swish': nn.SiLU,
+            'logistic': nn.Sigmoid, 'relu': nn.ReLU, 'linear': None}[name]
+
+
+def conv_block(layer, in_channels):
+    """Conv2d [+ BatchNorm2d] [+ activation], named as the ultralytics-era checkpoints are."""
+    size = layer.get('size', 1)
+    padding = size // 2 if layer.get('pad', 0) else layer.get('padding', 0)
+    block = nn.Sequential()
+    block.add_module('Conv2d', nn.Conv2d(in_channels, layer['filters'], size,
+                                         stride=layer.get('stride', 1), padding=padding,
+                                         groups=layer.get('groups', 1),
+                                         bias=not layer.get('batch_normalize', 0)))
+    if layer.get('batch_normalize', 0):
+        block.add_module('BatchNorm2d', nn.BatchNorm2d(layer['filters'], eps=BN_EPS,
+                                                       momentum=BN_MOMENTUM))
+    activation = make_activation(layer.get('activation', 'logistic'))
+    if activation is not None:
+        block.add_module('activation', activation())
+    return block
+
+
+class MaxPool(nn.Module):
+    """Darknet max pooling: `padding` (default size - 1) split low/high, padded with -inf."""
+
+    def __init__(self, size, stride, padding):
+        super().__init__()
+        self.size, self.stride, self.padding = size, stride, padding
+
+    def forward(self, x):
+        low = self.padding // 2
+        pads = []
+        for n in (x.shape[3], x.shape[2]):  # F.pad wants the last dimension first
+            out = (n + self.padding - self.size) // self.stride + 1
+            pads += [low, max((out - 1) * self.stride + self.size - n - low, 0)]
+        if any(pads):
+            x = F.pad(x, pads, value=float('-inf'))
+        return F.max_pool2d(x, self.size, self.stride)
+
+
+class Route(nn.Module):
+    """Concatenate earlier outputs along channels; with groups, one slice of each first."""
+
+    def __init__(self, sources, groups=1, group_id=0):
+        super().__init__()
+        self.sources, self.groups, self.group_id = sources, groups, group_id
+
+    def forward(self, outputs):
+        parts = [outputs[i] for i in self.sources]
+        if self.groups > 1:
+            parts = [p.chunk(self.groups, dim=1)[self.group_id] for p in parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+class Shortcut(nn.Module):
+    """Residual sum of the previous output and an earlier one, then an activation."""
+
+    def __init__(self, source, activation):
+        super().__init__()
+        self.source = source
+        self.activation = make_activation(activation)
+        self.activation = self.activation() if self.activation else nn.Identity()
+
+    def forward(self, x, outputs):
+        return self.activation(x + outputs[self.source])
+
+
+class YOLOLayer(nn.Module):
+    """Decodes one head: raw (B, A*(5+C), H, W) -> boxes in input pixels."""
+
+    def __init__(self, anchors, num_classes, scale_x_y=1.0):
+        super().__init__()
+        self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2))
+        self.num_anchors, self.num_classes = len(anchors), num_classes
+        self.num_outputs = num_classes + 5
+        self.scale_x_y = scale_x_y
+        self.stride = None  # (x, y) in input pixels per cell, set by each forward
+
+    def forward(self, p, img_size):
+        batch, _, ny, nx = p.shape
+        self.stride = (img_size[1] / nx, img_size[0] / ny)
+        # (B, A*(5+C), H, W) -> (B, A, H, W, 5+C)
+        p = p.view(batch, self.num_anchors, self.num_outputs, ny, nx).permute(0, 1, 3, 4, 2)
+        if self.training:
+            return p.contiguous()
+        gy, gx = torch.meshgrid(torch.arange(ny, device=p.device),
+                                torch.arange(nx, device=p.device), indexing='ij')
+        grid = torch.stack((gx, gy), -1).to(p.dtype)  # (H, W, 2)
+        stride = p.new_tensor(self.stride)
+        s = self.scale_x_y
+        xy = (torch.sigmoid(p[..., :2]) * s - (s - 1) / 2 + grid) * stride
+        wh = torch.exp(p[..., 2:4]) * self.anchors.view(1, -1, 1, 1, 2).to(p.dtype)
+        decoded = torch.cat((xy, wh, torch.sigmoid(p[..., 4:])), -1)
+        return decoded.view(batch, -1, self.num_outputs)
+
+
+class Darknet(nn.Module):
+    """A Darknet detector built from a cfg path, a (hyperparams, layers) pair or layers.
+
+    Eval mode: `model(x)` -> (B, N, 5+C) decoded predictions, heads in cfg order, each in
+    (anchor, row, col) order. Train mode: the list of raw heads, (B, A, H, W, 5+C) each.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg_path = cfg if isinstance(cfg, (str, os.PathLike)) else None
+        if self.cfg_path is not None:
+            hyperparams, layers = parse_model_cfg(cfg)
+        elif isinstance(cfg, tuple):
+            hyperparams, layers = cfg
+            check_layers(layers)
+        else:
+            hyperparams, layers = {}, cfg
+            check_layers(layers)
+        self.hyperparams, self.module_defs = hyperparams, layers
+        self.module_list, self.out_channels, scales = self._build()
+        self.saved = set()  # layers whose outputs a later route or shortcut reads
+        for module in self.module_list:
+            if isinstance(module, Route):
+                self.saved.update(module.sources)
+            elif isinstance(module, Shortcut):
+                self.saved.add(module.source)
+        self.yolo_layers = [m for m in self.module_list if isinstance(m, YOLOLayer)]
+        if not self.yolo_layers:
+            raise UserInputError(f'{self._name()}: the cfg has no [yolo] layer')
+        self.stride = math.lcm(*(s.numerator for s in scales))
+        self.seen = 0  # images seen in training, kept in the .weights header
+
+    def _name(self):
+        return self.cfg_path or 'cfg'
+
+    def _where(self, i):
+        return f'{self._name()}: layer {i} [{self.module_defs[i]["type"]}]'
+
+    def _build(self):
+        """Modules, output channels and input/output size ratio of every layer."""
+        modules, channels, scales = nn.ModuleList(), [], []
+        in_channels, scale = self.hyperparams.get('channels', 3), Fraction(1)
+        for i, layer in enumerate(self.module_defs):
+            kind = layer['type']
+            if kind == 'convolutional':
+                module, scale, out = self._build_conv(i, layer, in_channels, scale)
+            elif kind == 'maxpool':
+                stride = layer.get('stride', 1)
+                size = layer.get('size', stride)
+                self._same_strides(i, layer, stride)
+                module = MaxPool(size, stride, layer.get('padding', size - 1))
+                out, scale = in_channels, scale * stride
+            elif kind == 'upsample':
+                stride = layer.get('stride', 2)
+                module = nn.Upsample(scale_factor=stride, mode='nearest')
+                out, scale = in_channels, scale / stride
+            elif kind == 'route':
+                module, out, scale = self._build_route(i, layer, channels, scales)
+            elif kind == 'shortcut':
+                source = resolve_refs(i, layer['from'])[0]
+                if channels[source] != in_channels or scales[source] != scale:
+                    raise UserInputError(
+                        f'{self._where(i)}: adds layer {source} ({channels[source]} channels) '
+                        f'to layer {i - 1} ({in_channels} channels) of another shape; '
+                        'fix from= or the filters of either layer')
+                module, out = Shortcut(source, layer.get('activation', 'linear')), in_channels
+            else:  # yolo
+                module, out = self._build_yolo(i, layer, in_channels), in_channels
+            modules.append(module)
+            channels.append(out)
+            scales.append(scale)
+            in_channels = out
+        return modules, channels, scales
+
+    def _same_strides(self, i, layer, stride):
+        if layer.get('stride_x', stride) != stride or layer.get('stride_y', stride) != stride:
+            raise UserInputError(f'{self._where(i)}: different stride_x/stride_y are not '
+                                 'supported; use stride=')
+
+    def _build_conv(self, i, layer, in_channels, scale):
+        groups, filters = layer.get('groups', 1), layer['filters']
+        stride = layer.get('stride', 1)
+        self._same_strides(i, layer, stride)
+        if filters < 1 or layer.get('size', 1) < 1 or stride < 1 or groups < 1:
+            raise UserInputError(f'{self._where(i)}: filters, size, stride and groups must '
+                                 'be positive')
+        if in_channels % groups or filters % groups:
+            raise UserInputError(f'{self._where(i)}: groups={groups} must divide both the '
+                                 f'{in_channels} input channels and filters={filters}')
+        return conv_block(layer, in_channels), scale * stride, filters
+
+    def _build_route(self, i, layer, channels, scales):
+        sources = resolve_refs(i, layer['layers'])
+        groups, group_id = layer.get('groups', 1), layer.get('group_id', 0)
+        if groups < 1 or not 0 <= group_id < groups:
+            raise UserInputError(f'{self._where(i)}: needs groups >= 1 and 0 <= group_id < '
+                                 f'groups (got groups={groups}, group_id={group_id})')
+        if any(channels[s] % groups for s in sources):
+            raise UserInputError(f'{self._where(i)}: groups={groups} does not divide the '
+                                 f'channels {[channels[s] for s in sources]} of layers {sources}')
+        if len({scales[s] for s in sources}) > 1:
+            raise UserInputError(f'{self._where(i)}: layers {sources} have different spatial '
+                                 'sizes and cannot be concatenated; fix layers=')
+        out = sum(channels[s] // groups for s in sources)
+        return Route(sources, groups, group_id), out, scales[sources[0]]
+
+    def _build_yolo(self, i, layer, in_channels):
+        expected = len(layer['mask']) * (5 + layer['classes'])
+        if in_channels != expected:
+            raise UserInputError(f'{self._where(i)}: receives {in_channels} channels, but '
+                                 f'{len(layer["mask"])} anchors x (5 + {layer["classes"]} '
+                                 f'classes) need {expected}')
+        anchors = layer['anchors']
+        pairs = [(anchors[2 * m], anchors[2 * m + 1]) for m in layer['mask']]
+        return YOLOLayer(pairs, layer['classes'], layer.get('scale_x_y', 1.0))
+
+    @property
+    def num_classes(self):
+        return self.yolo_layers[0].num_classes
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        if height % self.stride or width % self.stride:
+            raise UserInputError(f'input size {width}x{height}: both sides must be multiples '
+                                 f'of {self.stride}, the largest stride of {self._name()}')
+        outputs, heads = {}, []
+        for i, module in enumerate(self.module_list):
+            if isinstance(module, Route):
+                x = module(outputs)
+            elif isinstance(module, Shortcut):
+                x = module(x, outputs)
+            elif isinstance(module, YOLOLayer):
+                heads.append(module(x, (height, width)))
+            else:
+                x = module(x)
+            if i in self.saved:
+                outputs[i] = x
+        return heads if self.training else torch.cat(heads, 1)
+
+
+# ---------------------------------------------------------------- weights I/O
+
+def conv_layers(model, cutoff=None):
+    """(index, conv block) of every convolutional layer before `cutoff`, in cfg order."""
+    stop = len(model.module_defs) if cutoff is None else cutoff
+    return [(i, model.module_list[i]) for i, layer in enumerate(model.module_defs[:stop])
+            if layer['type'] == 'convolutional']
+
+
+def _darknet_tensors(block):
+    """A conv block's tensors in .weights order."""
+    conv = block.Conv2d
+    if hasattr(block, 'BatchNorm2d'):
+        bn = block.BatchNorm2d
+        return [bn.bias, bn.weight, bn.running_mean, bn.running_var, conv.weight]
+    return [conv.bias, conv.weight]
+
+
+def darknet_float_count(model, cutoff=None):
+    return sum(t.numel() for _, block in conv_layers(model, cutoff)
+               for t in _darknet_tensors(block))
+
+
+def _read_header(path):
+    """(version tuple, seen, header size in bytes); refuses what is no Darknet header."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UserInputError(f'{path}: the weights file is empty; download or train it again')
+    with open(path, 'rb') as f:
+        head = f.read(20)
+    if len(head) < 12:
+        raise UserInputError(f'{path}: {size} bytes is too short for a Darknet .weights '
+                             'header (12 to 20 bytes); the file is truncated')
+    major, minor, revision = np.frombuffer(head[:12], dtype='<i4')
+    if not (0 <= major < 1000 and 0 <= minor < 1000 and revision >= 0):
+        raise UserInputError(f'{path}: not a Darknet .weights file (its header reads version '
+                             f'{major}.{minor}.{revision}); pass a .weights file, or a .pt '
+                             'checkpoint with a .pt extension')
+    wide_seen = major * 10 + minor >= 2
+    header_size = 20 if wide_seen else 16
+    if len(head) < header_size:
+        raise UserInputError(f'{path}: {size} bytes is too short for a Darknet .weights '
+                             f'header ({header_size} bytes); the file is truncated')
+    seen = int(np.frombuffer(head[12:header_size], dtype='<i8' if wide_seen else '<i4')[0])
+    return (int(major), int(minor), int(revision)), seen, header_size
+
+
+def load_darknet_weights(model, path, cutoff=None):
+    """Load a Darknet .weights file; its float count must match the cfg exactly.
+
+    `cutoff=N` loads a backbone file holding only the convs of layers 0..N-1
+    (darknet53.conv.74: cutoff=75, yolov3-tiny.conv.15: cutoff=16).
+    """
+    if not os.path.isfile(path):
+        raise UserInputError(f'{path}: weights file not found; check the --weights path')
+    version, seen, header_size = _read_header(path)
+    expected = darknet_float_count(model, cutoff)
+    size = os.path.getsize(path)
+    found_bytes = size - header_size
+    if found_bytes != 4 * expected:
+        scope = '' if cutoff is None else f' (layers 0..{cutoff - 1})'
+        raise UserInputError(
+            f'{path}: {model._name()}{scope} needs {expected} weights '
+            f'({header_size + 4 * expected} bytes), the file has {found_bytes / 4:g} '
+            f'({size} bytes); the file is truncated or belongs to another cfg')
+    values = torch.from_numpy(np.fromfile(path, dtype='<f4', offset=header_size))
+    position = 0
+    with torch.no_grad():
+        for _, block in conv_layers(model, cutoff):
+            for tensor in _darknet_tensors(block):
+                n = tensor.numel()
+                tensor.copy_(values[position:position + n].view_as(tensor))
+                position += n
+    model.seen, model.version = seen, version
+    return model
+
+
+def save_weights(model, path, cutoff=None):
+    """Write Darknet .weights version 0.2.5 (int64 `seen`), atomically."""
+    parts = [t.detach().cpu().float().reshape(-1) for _, block in conv_layers(model, cutoff)
+             for t in _darknet_tensors(block)]
+    with atomic_output(path) as f:
+        np.array([0, 2, 5], dtype='<i4').tofile(f)
+        np.array([getattr(model, 'seen', 0)], dtype='<i8').tofile(f)
+        torch.cat(parts).numpy().astype('<f4', copy=False).tofile(f)
+
+
+def _read_checkpoint(path):
+    """The model state dict in a .pt file: {'model': state_dict, ...} or a bare one."""
+    if not os.path.isfile(path):
+        raise UserInputError(f'{path}: checkpoint not found; check the --weights path')
+    if os.path.getsize(path) == 0:
+        raise UserInputError(f'{path}: the checkpoint file is empty')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError,
+            zipfile.BadZipFile, AttributeError, TypeError, UnicodeDecodeError) as e:
+        raise UserInputError(f'{path}: not a readable PyTorch checkpoint '
+                             f'({e.__class__.__name__}); pass a .pt saved by train.py, '
+                             'or a Darknet file with a .weights extension') from None
+    state = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UserInputError(f"{path}: holds no model state dict (expected a dict of tensors "
+                             "or {'model': state_dict, ...})")
+    # DistributedDataParallel prefixes every key with 'module.'
+    return {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+
+
+def load_checkpoint_weights(model, path):
+    """Load a .pt checkpoint, naming the first layer whose tensors do not fit."""
+    state = _read_checkpoint(path)
+    own = model.state_dict()
+    for key, tensor in own.items():
+        layer = key.split('.')[1] if key.startswith('module_list.') else key
+        where = f'layer {layer}' + (f' [{model.module_defs[int(layer)]["type"]}]'
+                                    if layer.isdigit() else '')
+        if key not in state:
+            raise UserInputError(f'{path}: {where}: {key} is missing; the checkpoint is for '
+                                 f'another cfg than {model._name()}')
+        if state[key].shape != tensor.shape:
+            raise UserInputError(
+                f'{path}: {where}: {key} has shape {tuple(state[key].shape)} in the file but '
+                f'{tuple(tensor.shape)} in {model._name()}; the checkpoint is for another cfg')
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise UserInputError(f'{path}: has {len(extra)} tensors the cfg lacks (first: '
+                             f'{extra[0]}); the checkpoint is for another cfg than '
+                             f'{model._name()}')
+    model.load_state_dict(state)
+    return model
+
+
+def is_checkpoint_path(path):
+    return str(path).endswith(('.pt', '.pth'))
+
+
+def load_weights(model, path, cutoff=None):
+    """Load .pt/.pth checkpoints or Darknet weights (any other name) into `model`."""
+    if is_checkpoint_path(path):
+        return load_checkpoint_weights(model, path)
+    return load_darknet_weights(model, path, cutoff)
+
+
+def save_model_weights(model, path):
+    """Save as .pt ({'model': state_dict}) or Darknet .weights, by the name's extension."""
+    if is_checkpoint_path(path):
+        with atomic_output(path) as f:
+            torch.save({'model': model.state_dict()}, f)
+    else:
+        save_weights(model, path)
+
+
+def convert_weights(cfg, source, target):
+    """Convert between .pt and .weights for the model `cfg` describes."""
+    if os.path.abspath(source) == os.path.abspath(target):
+        raise UserInputError(f'{target}: is the input file; choose another output name')
+    model = load_weights(Darknet(cfg), source)
+    save_model_weights(model, target)
+    return model

@@ -1,0 +1,329 @@
+"""Darknet .cfg and .data files: parse into typed values, check, write back exactly.
+
+`parse_model_cfg(path)` returns `(hyperparams, layers)`: the `[net]` block and one dict
+per layer block, each dict holding `type` plus the keys written in the file, typed
+(int, float, list of ints or floats, or string). Defaults are not filled in here: the
+model builder applies them, so `write_cfg` can reproduce the file's keys exactly and
+`parse(write(x)) == x`.
+
+Every key Darknet (pjreddie and AlexeyAB) reads for a supported layer type is known,
+including those only its own trainer uses (jitter, ignore_thresh, iou_loss, ...): they
+are kept and written back. Keys that would change inference in a way this project does
+not implement are refused with the reason, rather than silently ignored.
+"""
+import difflib
+import os
+
+from utils.errors import UserInputError
+from utils.fileio import atomic_write_text
+
+INT, FLOAT, INTS, FLOATS, STR = 'int', 'float', 'int list', 'float list', 'string'
+
+ACTIVATIONS = ('leaky', 'mish', 'swish', 'logistic', 'relu', 'linear')
+
+# Keys of the [net] block: all only matter to Darknet's own trainer and data loader,
+# except width, height and channels, which set the default input.
+NET_KEYS = {
+    'batch': INT, 'subdivisions': INT, 'width': INT, 'height': INT, 'channels': INT,
+    'momentum': FLOAT, 'decay': FLOAT, 'angle': FLOAT, 'saturation': FLOAT,
+    'exposure': FLOAT, 'hue': FLOAT, 'learning_rate': FLOAT, 'burn_in': INT,
+    'max_batches': INT, 'policy': STR, 'steps': INTS, 'scales': FLOATS, 'step': INT,
+    'gamma': FLOAT, 'power': FLOAT, 'mosaic': INT, 'mixup': INT, 'cutmix': INT,
+    'letter_box': INT, 'blur': INT, 'flip': INT, 'gaussian_noise': INT,
+    'mosaic_bound': INT, 'adam': INT, 'B1': FLOAT, 'B2': FLOAT, 'eps': FLOAT,
+    'max_crop': INT, 'min_crop': INT, 'aspect': FLOAT, 'ema_alpha': FLOAT,
+    'loss_scale': FLOAT, 'dynamic_minibatch': INT, 'optimized_memory': INT,
+    'workspace_size_limit_MB': INT, 'label_smooth_eps': FLOAT, 'track': INT,
+    'time_steps': INT, 'augment_speed': INT, 'random': FLOAT, 'seq_scales': FLOATS,
+    'burn_in_power': FLOAT, 'sgdr_cycle': INT, 'sgdr_mult': INT, 'rgb': INT,
+    'max_chart_loss': FLOAT, 'inputs': INT, 'contrastive': INT,
+    'unsupervised': INT, 'equidistant_point': INT, 'adversarial_lr': FLOAT,
+    'attention': INT, 'show_receptive_field': INT, 'label_smooth': FLOAT,
+}
+
+# Per layer type: the keys accepted, with their types. Keys in UNSUPPORTED are known
+# to Darknet but change the layer's output in ways this project does not build; they
+# are accepted only at the value that means "off".
+LAYER_KEYS = {
+    'convolutional': {
+        'batch_normalize': INT, 'filters': INT, 'size': INT, 'stride': INT,
+        'pad': INT, 'padding': INT, 'groups': INT, 'activation': STR,
+        'dilation': INT, 'stride_x': INT, 'stride_y': INT, 'flipped': INT,
+        'binary': INT, 'xnor': INT, 'bin_output': INT, 'antialiasing': INT,
+        'share_index': INT, 'dot': FLOAT, 'assisted_excitation': FLOAT,
+        'sway': INT, 'rotate': INT, 'stretch': INT, 'stretch_sway': INT,
+        'coordconv': INT, 'deform': INT,
+    },
+    'maxpool': {
+        'size': INT, 'stride': INT, 'padding': INT, 'stride_x': INT,
+        'stride_y': INT, 'maxpool_depth': INT, 'out_channels': INT,
+        'antialiasing': INT,
+    },
+    'upsample': {'stride': INT, 'scale': FLOAT},
+    'route': {'layers': INTS, 'groups': INT, 'group_id': INT, 'stopbackward': INT},
+    'shortcut': {
+        'from': INTS, 'activation': STR, 'weights_type': STR,
+        'weights_normalization': STR, 'stopbackward': INT,
+    },
+    'yolo': {
+        'mask': INTS, 'anchors': FLOATS, 'classes': INT, 'num': INT,
+        'jitter': FLOAT, 'ignore_thresh': FLOAT, 'truth_thresh': FLOAT,
+        'random': FLOAT, 'scale_x_y': FLOAT, 'iou_normalizer': FLOAT,
+        'cls_normalizer': FLOAT, 'obj_normalizer': FLOAT, 'iou_loss': STR,
+        'iou_thresh': FLOAT, 'iou_thresh_kind': STR, 'nms_kind': STR,
+        'beta_nms': FLOAT, 'max_delta': FLOAT, 'counters_per_class': INTS,
+        'label_smooth_eps': FLOAT, 'resize': FLOAT, 'new_coords': INT,
+        'objectness_smooth': INT, 'focal_loss': INT, 'track_history_size': INT,
+        'sim_thresh': FLOAT, 'dets_for_track': INT, 'dets_for_show': INT,
+        'track_ciou_norm': FLOAT, 'embedding_layer': INT, 'max': INT,
+        'map': STR, 'show_details': INT,
+    },
+}
+
+# (layer type, key) -> the only value this project can build, and why.
+UNSUPPORTED = {
+    ('convolutional', 'dilation'): (1, 'dilated convolutions are not supported'),
+    ('convolutional', 'flipped'): (0, 'flipped weights are not supported'),
+    ('convolutional', 'binary'): (0, 'binary weights are not supported'),
+    ('convolutional', 'xnor'): (0, 'XNOR convolutions are not supported'),
+    ('convolutional', 'antialiasing'): (0, 'anti-aliased strides are not supported'),
+    ('convolutional', 'share_index'): (None, 'weight sharing is not supported'),
+    ('convolutional', 'assisted_excitation'): (0, 'assisted excitation is not supported'),
+    ('convolutional', 'coordconv'): (0, 'coordconv is not supported'),
+    ('convolutional', 'deform'): (0, 'deformable convolutions are not supported'),
+    ('maxpool', 'maxpool_depth'): (0, 'channel-wise max pooling is not supported'),
+    ('maxpool', 'antialiasing'): (0, 'anti-aliased pooling is not supported'),
+    ('upsample', 'scale'): (1.0, 'scaled upsampling is not supported'),
+    ('shortcut', 'weights_type'): ('none', 'weighted shortcuts are not supported'),
+    ('yolo', 'new_coords'): (0, 'new_coords=1 decoding is not supported'),
+}
+
+SECTION_ALIASES = {'net': 'net', 'network': 'net', 'conv': 'convolutional',
+                   'convolutional': 'convolutional', 'max': 'maxpool',
+                   'maxpool': 'maxpool', 'upsample': 'upsample', 'route': 'route',
+                   'shortcut': 'shortcut', 'yolo': 'yolo'}
+
+
+def _parse_value(text, kind):
+    """Typed value of `text`, or raise ValueError with what was expected."""
+    if kind == STR:
+        return text
+    if kind in (INTS, FLOATS):
+        items = [t.strip() for t in text.split(',')]
+        if items and items[-1] == '':  # Darknet tolerates a trailing comma
+            items.pop()
+        if not items:
+            raise ValueError('an empty list')
+        return [_parse_value(t, INT if kind == INTS else FLOAT) for t in items]
+    if kind == INT:
+        return int(text)
+    return float(text)
+
+
+def _format_value(value):
+    if isinstance(value, list):
+        return ','.join(_format_value(v) for v in value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith('.0') else text
+    return str(value)
+
+
+def _read_blocks(path):
+    """[(section name, header line no, [(key, value text, line no), ...]), ...]."""
+    if not os.path.isfile(path):
+        raise UserInputError(f'{path}: cfg file not found; check the --cfg path')
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f'{path}: cannot read as a text cfg ({e.__class__.__name__}); '
+                             'pass a Darknet .cfg file') from None
+    blocks = []
+    for number, raw in enumerate(lines, 1):
+        line = raw.split('#', 1)[0].split(';', 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith('['):
+            if not line.endswith(']'):
+                raise UserInputError(f'{path} line {number}: section header {line!r} '
+                                     'has no closing "]"')
+            blocks.append((line[1:-1].strip().lower(), number, []))
+        elif '=' in line:
+            if not blocks:
+                raise UserInputError(f'{path} line {number}: {line!r} comes before '
+                                     'any [section]; the file must start with [net]')
+            key, value = (part.strip() for part in line.split('=', 1))
+            blocks[-1][2].append((key, value, number))
+        else:
+            raise UserInputError(f'{path} line {number}: {line!r} is not a "[section]" '
+                                 'or "key=value" line')
+    return blocks
+
+
+def _typed_block(path, section, entries, schema):
+    """Dict of typed values for one block; refuses unknown, repeated and bad keys."""
+    typed, seen = {}, {}
+    for key, text, number in entries:
+        where = f'{path} line {number}'
+        if key not in schema:
+            close = difflib.get_close_matches(key, schema, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else 'remove it'
+            raise UserInputError(f"{where}: [{section}] has no key '{key}'; {hint}")
+        if key in seen:
+            raise UserInputError(f"{where}: '{key}' is set twice in this [{section}] "
+                                 f'(also line {seen[key]}); keep one')
+        seen[key] = number
+        try:
+            value = _parse_value(text, schema[key])
+        except ValueError:
+            raise UserInputError(f"{where}: {key}={text!r} is not a valid {schema[key]}; "
+                                 'fix the value') from None
+        off, reason = UNSUPPORTED.get((section, key), (value, None))
+        if value != off:
+            raise UserInputError(f'{where}: {key}={text} in [{section}]: {reason}; '
+                                 f'remove the key{"" if off is None else f" or set {off}"}')
+        if key == 'activation' and value not in ACTIVATIONS:
+            raise UserInputError(f"{where}: activation '{value}' is not supported; use one "
+                                 f'of {", ".join(ACTIVATIONS)}')
+        typed[key] = value
+    return typed
+
+
+def parse_model_cfg(path):
+    """Read a Darknet model cfg into (hyperparams dict, list of typed layer dicts)."""
+    blocks = _read_blocks(path)
+    if not blocks:
+        raise UserInputError(f'{path}: no sections found; a Darknet cfg starts with [net]')
+    name, number, entries = blocks[0]
+    if SECTION_ALIASES.get(name) != 'net':
+        raise UserInputError(f'{path} line {number}: the first section is [{name}]; '
+                             'a Darknet cfg starts with [net]')
+    hyperparams = _typed_block(path, 'net', entries, NET_KEYS)
+    layers, lines = [], []
+    for name, number, entries in blocks[1:]:
+        kind = SECTION_ALIASES.get(name)
+        if kind not in LAYER_KEYS:
+            raise UserInputError(f'{path} line {number}: layer type [{name}] is not '
+                                 f'supported; supported: {", ".join(LAYER_KEYS)}')
+        layers.append({'type': kind, **_typed_block(path, kind, entries, LAYER_KEYS[kind])})
+        lines.append(number)
+    if not layers:
+        raise UserInputError(f'{path}: the cfg has a [net] section but no layers')
+    check_layers(layers, lambda i: f'{path} line {lines[i]}')
+    return hyperparams, layers
+
+
+def resolve_refs(index, refs):
+    """Absolute layer indices of route `layers` / shortcut `from` at layer `index`."""
+    return [r if r >= 0 else index + r for r in refs]
+
+
+def check_layers(layers, where=None):
+    """Refuse references outside the network and heads that do not fit their classes.
+
+    `where(i)` names layer i for messages (file and line when parsed from a file).
+    """
+    where = where or (lambda i: f'layer {i}')
+    for i, layer in enumerate(layers):
+        kind = layer['type']
+        if kind in ('route', 'shortcut'):
+            key = 'layers' if kind == 'route' else 'from'
+            if key not in layer:
+                raise UserInputError(f"{where(i)}: [{kind}] needs '{key}='")
+            for ref, target in zip(layer[key], resolve_refs(i, layer[key])):
+                if not 0 <= target < i:
+                    raise UserInputError(
+                        f'{where(i)}: [{kind}] {key}={ref} points to layer {target}, '
+                        f'outside layers 0..{i - 1} before it; fix the reference')
+            if kind == 'shortcut' and len(layer['from']) != 1:
+                raise UserInputError(f'{where(i)}: [shortcut] with several from= layers is '
+                                     'not supported; use one')
+        elif kind == 'yolo':
+            _check_head(layers, i, where)
+        elif kind == 'convolutional' and 'filters' not in layer:
+            raise UserInputError(f"{where(i)}: [convolutional] needs 'filters='")
+
+
+def _check_head(layers, i, where):
+    layer = layers[i]
+    for key in ('mask', 'anchors', 'classes'):
+        if key not in layer:
+            raise UserInputError(f"{where(i)}: [yolo] needs '{key}='")
+    n_anchors = len(layer['anchors']) // 2
+    if len(layer['anchors']) % 2:
+        raise UserInputError(f'{where(i)}: [yolo] anchors has an odd count of numbers; '
+                             'give width,height pairs')
+    if not all(0 <= m < n_anchors for m in layer['mask']):
+        raise UserInputError(f'{where(i)}: [yolo] mask={layer["mask"]} refers to anchors '
+                             f'beyond the {n_anchors} given')
+    expected = len(layer['mask']) * (5 + layer['classes'])
+    previous = layers[i - 1] if i > 0 else None
+    if previous and previous['type'] == 'convolutional' and previous['filters'] != expected:
+        raise UserInputError(
+            f'{where(i - 1)}: the conv before this [yolo] has filters={previous["filters"]}, '
+            f'but {len(layer["mask"])} anchors x (5 + {layer["classes"]} classes) needs '
+            f'filters={expected}; set filters={expected}')
+
+
+def write_cfg(path, hyperparams, layers):
+    """Write a cfg from typed values (atomically); parse_model_cfg reads it back equal."""
+    parts = ['[net]'] + [f'{k}={_format_value(v)}' for k, v in hyperparams.items()]
+    for layer in layers:
+        parts += ['', f'[{layer["type"]}]']
+        parts += [f'{k}={_format_value(v)}' for k, v in layer.items() if k != 'type']
+    atomic_write_text(path, '\n'.join(parts) + '\n')
+
+
+DATA_KEYS = {'classes': INT, 'train': STR, 'valid': STR, 'names': STR, 'backup': STR,
+             'eval': STR, 'test': STR, 'results': STR}
+DATA_PATH_KEYS = ('train', 'valid', 'names', 'test', 'backup')
+
+
+def parse_data_cfg(path):
+    """Read a .data file: typed `classes`, and paths resolved to existing files.
+
+    A relative path is looked up from the current folder first, then from the .data
+    file's own folder; when neither exists, the current-folder reading is kept and the
+    reader of that file reports it missing.
+    """
+    if not os.path.isfile(path):
+        raise UserInputError(f'{path}: data file not found; check the --data path')
+    entries = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.split('#', 1)[0].strip()
+            if not line:
+                continue
+            if '=' not in line:
+                raise UserInputError(f'{path} line {number}: {line!r} is not a key=value line')
+            key, value = (part.strip() for part in line.split('=', 1))
+            entries.append((key, value, number))
+    options = _typed_block(path, 'data', entries, DATA_KEYS)
+    if 'classes' not in options:
+        raise UserInputError(f"{path}: no 'classes=' line; add the number of classes")
+    if options['classes'] < 1:
+        raise UserInputError(f'{path}: classes={options["classes"]} must be at least 1')
+    folder = os.path.dirname(os.path.abspath(path))
+    for key in DATA_PATH_KEYS:
+        if key in options and not os.path.isabs(options[key]):
+            local = options[key]
+            beside = os.path.join(folder, local)
+            options[key] = local if os.path.exists(local) or not os.path.exists(beside) \
+                else beside
+    return options
+
+
+def require_data_key(options, key, path):
+    """The value of `key` in parsed .data options, or a clear refusal."""
+    if key not in options:
+        raise UserInputError(f"{path}: no '{key}=' line; add the path of the {key} list")
+    return options[key]
+
+
+def load_class_names(path):
+    """Class names, one per line, from a .names file."""
+    if not os.path.isfile(path):
+        raise UserInputError(f'{path}: names file not found; fix names= in the .data file')
+    with open(path, encoding='utf-8', errors='replace') as f:
+        return [line.strip() for line in f if line.strip()]
