@@ -274,7 +274,7 @@ def conv_layers(model, cutoff=None):
             if layer['type'] == 'convolutional']
 
 
-def _darknet_tensors(block):
+def darknet_tensors(block):
     """A conv block's tensors in .weights order."""
     conv = block.Conv2d
     if hasattr(block, 'BatchNorm2d'):
@@ -285,7 +285,7 @@ def _darknet_tensors(block):
 
 def darknet_float_count(model, cutoff=None):
     return sum(t.numel() for _, block in conv_layers(model, cutoff)
-               for t in _darknet_tensors(block))
+               for t in darknet_tensors(block))
 
 
 def _read_header(path):
@@ -334,7 +334,7 @@ def load_darknet_weights(model, path, cutoff=None):
     position = 0
     with torch.no_grad():
         for _, block in conv_layers(model, cutoff):
-            for tensor in _darknet_tensors(block):
+            for tensor in darknet_tensors(block):
                 n = tensor.numel()
                 tensor.copy_(values[position:position + n].view_as(tensor))
                 position += n
@@ -345,7 +345,7 @@ def load_darknet_weights(model, path, cutoff=None):
 def save_weights(model, path, cutoff=None):
     """Write Darknet .weights version 0.2.5 (int64 `seen`), atomically."""
     parts = [t.detach().cpu().float().reshape(-1) for _, block in conv_layers(model, cutoff)
-             for t in _darknet_tensors(block)]
+             for t in darknet_tensors(block)]
     with atomic_output(path) as f:
         np.array([0, 2, 5], dtype='<i4').tofile(f)
         np.array([getattr(model, 'seen', 0)], dtype='<i8').tofile(f)
