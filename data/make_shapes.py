@@ -1,6 +1,7 @@
-"""Generate the synthetic "shapes" detection data set in the Darknet layout.
+r"""Generate the synthetic "shapes" detection data set in the Darknet layout.
 
-    python data/make_shapes.py --out data/shapes --seed 0 --n-train 1000 --n-valid 200 --img-size 128
+    python data/make_shapes.py --out data/shapes --seed 0 \
+        --n-train 1000 --n-valid 200 --img-size 128
 
 Each image shows 0 to 8 filled shapes (circle, square, triangle, cross) of random size
 (down to about 6 px), colour and rotation on a textured background (colour gradient,
@@ -17,7 +18,8 @@ Written under --out:
     shapes.names, shapes.data         class names, and a .data file with absolute paths
 
 The repository's own data/shapes.data points at data/shapes/ with paths relative to the
-repository root; `ensure_shapes()` builds that default set the first time it is needed.
+repository root (run scripts from there); `ensure_shapes()` builds that default set the
+first time it is needed.
 """
 import argparse
 import math
@@ -33,10 +35,11 @@ from tqdm import tqdm
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.errors import UserInputError, run_cli  # noqa: E402
+from utils.fileio import atomic_write_text  # noqa: E402
+from utils.parse_config import parse_data_cfg  # noqa: E402
 
 CLASS_NAMES = ('circle', 'square', 'triangle', 'cross')
 SPLITS = ('train', 'valid')
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Defaults of the demo set: small enough to generate in seconds and to train a tiny
 # model for a few epochs on a laptop CPU at --img-size 128.
@@ -203,14 +206,6 @@ def format_labels(labels):
 
 # ---------------------------------------------------------------------------- writing
 
-def _write_atomic(path, data):
-    """Write bytes or text to a temporary name beside `path`, then rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-    os.replace(tmp, path)
-
-
 def _make_one(job):
     """Render and write image `index` of `split`; module level so a Pool can run it."""
     out, split, index, seed, img_size, ext, plain = job
@@ -265,57 +260,37 @@ def generate(out, seed=SEED, n_train=N_TRAIN, n_valid=N_VALID, img_size=IMG_SIZE
             bar.update()
     bar.close()
 
-    _write_atomic(out / 'shapes.names', ''.join(n + '\n' for n in CLASS_NAMES))
+    atomic_write_text(out / 'shapes.names', ''.join(n + '\n' for n in CLASS_NAMES))
     for split in SPLITS:
         lines = [r for r in rel if r.startswith(f'images/{split}/')]
-        _write_atomic(out / f'{split}.txt', ''.join(r + '\n' for r in lines))
+        atomic_write_text(out / f'{split}.txt', ''.join(r + '\n' for r in lines))
     data_path = out / 'shapes.data'
-    _write_atomic(data_path, f'classes={len(CLASS_NAMES)}\n'
-                             f'train={out / "train.txt"}\n'
-                             f'valid={out / "valid.txt"}\n'
-                             f'names={out / "shapes.names"}\n')
+    atomic_write_text(data_path, f'classes={len(CLASS_NAMES)}\n'
+                                 f'train={out / "train.txt"}\n'
+                                 f'valid={out / "valid.txt"}\n'
+                                 f'names={out / "shapes.names"}\n')
     return data_path
 
 
 # ---------------------------------------------------------------------------- ensure
 
-def _read_data_file(path):
-    """`key=value` pairs of a Darknet .data file (blank lines and # comments skipped)."""
-    entries = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith(('#', ';')):
-            continue
-        if '=' not in line:
-            raise UserInputError(f'{path}:{n}: expected key=value, got {line!r}')
-        key, value = line.split('=', 1)
-        entries[key.strip()] = value.strip()
-    return entries
-
-
 def ensure_shapes(data_path='data/shapes.data', seed=SEED, n_train=N_TRAIN, n_valid=N_VALID,
                   img_size=IMG_SIZE, progress=True):
     """Generate the shapes set a .data file names, unless its list files already exist.
 
-    Relative paths in the .data file are taken from the current folder; when the .data
-    file itself is only found under the repository root, from the repository root.
-    The set is written to the folder of the `train` list, which must be named train.txt
-    next to valid.txt. Returns the path of the .data file.
+    The .data file is read as the training scripts read it (utils.parse_config: relative
+    paths from the current folder, else from the .data file's folder), so the set lands
+    where they will look. It is written to the folder of the `train` list, which must be
+    named train.txt next to valid.txt. Returns `data_path`.
     """
-    data_path = Path(data_path)
-    base = Path.cwd()
-    if not data_path.is_file() and not data_path.is_absolute() and (REPO_ROOT / data_path).is_file():
-        base, data_path = REPO_ROOT, REPO_ROOT / data_path
-    if not data_path.is_file():
-        raise UserInputError(f'{data_path}: data file not found; pass an existing .data file')
-    entries = _read_data_file(data_path)
+    options = parse_data_cfg(str(data_path))
     for key in ('train', 'valid'):
-        if key not in entries:
+        if key not in options:
             raise UserInputError(f'{data_path}: no {key}= line; add {key}=<folder>/{key}.txt')
-    if 'classes' in entries and entries['classes'] != str(len(CLASS_NAMES)):
-        raise UserInputError(f'{data_path}: classes={entries["classes"]} but the shapes set has '
+    if options['classes'] != len(CLASS_NAMES):
+        raise UserInputError(f'{data_path}: classes={options["classes"]} but the shapes set has '
                              f'{len(CLASS_NAMES)} classes; set classes={len(CLASS_NAMES)}')
-    train, valid = (base / entries['train']), (base / entries['valid'])
+    train, valid = Path(options['train']).resolve(), Path(options['valid']).resolve()
     if train.is_file() and valid.is_file():
         return data_path
     if (train.name, valid.name) != ('train.txt', 'valid.txt') or train.parent != valid.parent:
@@ -330,7 +305,8 @@ def ensure_shapes(data_path='data/shapes.data', seed=SEED, n_train=N_TRAIN, n_va
 
 def get_args_parser():
     p = argparse.ArgumentParser(description='Generate the synthetic shapes detection set.')
-    p.add_argument('--out', default='data/shapes', help='output folder (gets images/, labels/, *.txt)')
+    p.add_argument('--out', default='data/shapes',
+                   help='output folder (gets images/, labels/, train.txt, valid.txt)')
     p.add_argument('--seed', type=int, default=SEED, help='random seed; same seed, same files')
     p.add_argument('--n-train', type=int, default=N_TRAIN, help='number of training images')
     p.add_argument('--n-valid', type=int, default=N_VALID, help='number of validation images')

@@ -179,7 +179,7 @@ def test_ap_hand_computed():
     m = ap_per_class(np.ones((4, 10), bool), np.linspace(0.9, 0.6, 4), np.zeros(4),
                      np.array([0, 0, 0, 0, 2]))
     assert m.classes.tolist() == [0, 2]
-    assert m.ap50.tolist() == [1, 0] and m.ap.mean(1).tolist() == [1, 0]
+    assert m.ap50.tolist() == [1, 0] and m.ap50_95.tolist() == [1, 0]
     assert m.precision.tolist() == [1, 0] and m.recall.tolist() == [1, 0]
 
 
@@ -246,4 +246,4 @@ def test_map_agrees_with_pycocotools(seed):
     coco50, coco = _coco_ap(images)
     assert 0.2 < coco50 < 0.95 and coco < coco50  # a set that is neither trivial nor hopeless
     assert m.ap50.mean() == pytest.approx(coco50, abs=0.01)
-    assert m.ap.mean() == pytest.approx(coco, abs=0.02)
+    assert m.ap50_95.mean() == pytest.approx(coco, abs=0.02)

@@ -167,7 +167,8 @@ def _parse_labels(label_path, num_classes, problems):
             continue
         where = f'{label_path}:{n}'
         if len(fields) != 5:
-            problems.append(f'{where}: expected 5 numbers "class cx cy w h", got {len(fields)} fields')
+            problems.append(f'{where}: expected 5 numbers "class cx cy w h", '
+                            f'got {len(fields)} fields')
             continue
         try:
             values = [float(v) for v in fields]
@@ -230,7 +231,8 @@ def check_dataset(list_path, num_classes=None):
         labels.append(_parse_labels(label_file, num_classes, problems))
         shapes.append(shape)
     if problems:
-        more = f'; ... and {len(problems) - MAX_REPORTED} more' if len(problems) > MAX_REPORTED else ''
+        extra = len(problems) - MAX_REPORTED
+        more = f'; ... and {extra} more' if extra > 0 else ''
         raise UserInputError(f'{len(problems)} problem(s) in the data set of {list_path}: '
                              + '; '.join(problems[:MAX_REPORTED]) + more
                              + '. Fix or delete these label lines, or remove the images from '
@@ -452,7 +454,8 @@ def create_dataloader(list_path, img_size, batch_size, num_classes, augment=Fals
     dataset = LoadImagesAndLabels(list_path, img_size, batch_size, augment=augment, hyp=hyp,
                                   rect=rect, stride=stride, num_classes=num_classes)
     workers = max(0, min(workers, os.cpu_count() or 1, batch_size))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and not rect and sampler is None,
+    loader = DataLoader(dataset, batch_size=batch_size,
+                        shuffle=shuffle and not rect and sampler is None,
                         sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                         worker_init_fn=_worker_init if workers else None,
                         persistent_workers=workers > 0)

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)  # COCO's 0.50:0.05:0.95
+IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10, dtype=torch.float64)  # COCO's 0.50:0.05:0.95
 
 
 # ---------------------------------------------------------------------------- boxes
@@ -168,6 +168,11 @@ class ClassMetrics(NamedTuple):
     ap: np.ndarray          # (k, t) AP at every threshold; ap.mean(1) is AP@0.5:0.95
     conf: float             # operating confidence: the one maximising mean F1 at IoU 0.5
 
+    @property
+    def ap50_95(self):
+        """(k,) AP averaged over the IoU thresholds (COCO's AP@0.5:0.95 with 10 of them)."""
+        return self.ap.mean(1)
+
 
 def compute_ap(recall, precision):
     """Area under the precision envelope of one recall/precision curve (continuous VOC).
@@ -184,7 +189,8 @@ def compute_ap(recall, precision):
 def ap_per_class(tp, conf, pred_cls, target_cls, eps=1e-16):
     """Precision, recall, F1 and AP per class from matched detections of a whole set.
 
-    tp: (n, t) or (n,) bool, detection i is a true positive at IoU threshold j;
+    Arrays may be numpy or CPU tensors. tp: (n, t) or (n,) bool, detection i is a true
+    positive at IoU threshold j;
     conf: (n,) scores; pred_cls: (n,) classes of the detections; target_cls: (g,)
     classes of all ground truth boxes. Classes without ground truth are left out
     (their detections count against nothing), as pycocotools does. P, R and F1 are
