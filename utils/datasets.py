@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from utils.errors import UserInputError
 
@@ -437,11 +438,14 @@ def _worker_init(worker_id):
 
 
 def create_dataloader(list_path, img_size, batch_size, num_classes, augment=False, rect=False,
-                      workers=0, shuffle=False, stride=32, sampler=None, hyp=None):
+                      workers=0, shuffle=False, stride=32, hyp=None, shards=None):
     """A DataLoader over `list_path` and its data set: returns (loader, dataset).
 
-    Rect batches depend on the order of the images, so `rect` turns shuffling off and
-    cannot be combined with a sampler.
+    `shards=(rank, world, seed)` shuffles with a DistributedSampler, one share of each
+    epoch's permutation per process (call `loader.sampler.set_epoch(e)`); one process
+    with world 1 sees the same permutation that several processes split. Rect batches
+    depend on the order of the images, so `rect` turns shuffling off and cannot be
+    combined with shards.
     """
     if img_size % stride:
         raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
@@ -449,10 +453,15 @@ def create_dataloader(list_path, img_size, batch_size, num_classes, augment=Fals
                              f'{(img_size // stride + 1) * stride}')
     if batch_size < 1:
         raise UserInputError(f'--batch-size {batch_size}: use 1 or more')
-    if rect and sampler is not None:
-        raise ValueError('rect batches need the data set order: do not pass a sampler')
+    if rect and shards is not None:
+        raise ValueError('rect batches need the data set order: do not pass shards')
     dataset = LoadImagesAndLabels(list_path, img_size, batch_size, augment=augment, hyp=hyp,
                                   rect=rect, stride=stride, num_classes=num_classes)
+    sampler = None
+    if shards is not None:
+        rank, world, seed = shards
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=seed)
     workers = max(0, min(workers, os.cpu_count() or 1, batch_size))
     loader = DataLoader(dataset, batch_size=batch_size,
                         shuffle=shuffle and not rect and sampler is None,

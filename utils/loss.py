@@ -18,9 +18,9 @@ larger, are both below `anchor_t` (4.0: the anchor is within 4x of the box on ea
 A target no anchor passes (a box far smaller or larger than every anchor) still goes to
 its one best anchor over all heads, by the IoU of the two sizes put on one centre, so no
 target is dropped; `anchor_t` <= 1 keeps only that best anchor, Darknet YOLOv3's own
-rule. No neighbouring cells: with Darknet's decoding a cell reaches only
-about its own area (scale_x_y = 1.05 to 1.2 adds a few percent), so a neighbour could
-not place a centre on the target anyway.
+rule. No neighbouring cells: with Darknet's decoding a cell reaches only about its own
+area (scale_x_y = 1.05 to 1.2 adds a few percent), so a neighbour could not place a
+centre on the target anyway.
 
 Terms, each a mean so it does not grow with the number of targets, cells or classes:
 - box: 1 - CIoU (or IoU / GIoU / DIoU, `iou_type`) between the decoded box and the
@@ -51,8 +51,9 @@ import torch.nn.functional as F
 
 from utils.errors import UserInputError
 
-# Gains in the range YOLOv5 tuned for these same means. Keys outside this dict are ignored,
-# so one hyp dict can serve the data loader and the loss.
+# Gains as YOLOv5 ships them for these same means; YOLOv5 also multiplies obj by
+# (image size / 640)^2 and cls by classes / 80, which is left to the caller. Keys outside
+# this dict are ignored, so one hyp dict can serve the data loader and the loss.
 DEFAULT_HYP = {
     'box': 0.05,            # gain of the box term, mean of 1 - CIoU
     'obj': 1.0,             # gain of the objectness term
@@ -185,15 +186,15 @@ def build_targets(heads, targets, model, anchor_t=DEFAULT_HYP['anchor_t']):
     """The `Assigned` pairs of every head, cfg order, by the rule in the module docstring."""
     _check_inputs(heads, targets, model)
     layers = model.yolo_layers
-    device = heads[0].device
-    targets = targets.to(device=device, dtype=torch.float32)
+    device, dtype = heads[0].device, torch.promote_types(heads[0].dtype, torch.float32)
+    targets = targets.to(device=device, dtype=dtype)
     # every head covers the whole input: grid size times stride is the image size
     ny, nx = heads[0].shape[2:4]
     image_wh = torch.tensor([nx * layers[0].stride[0], ny * layers[0].stride[1]],
                             device=device)
     xy = targets[:, 2:4] * image_wh  # (n, 2) pixels
     wh = targets[:, 4:6] * image_wh
-    anchors = [layer.anchors.to(device=device, dtype=torch.float32) for layer in layers]
+    anchors = [layer.anchors.to(device=device, dtype=dtype) for layer in layers]
 
     # best anchor of each target over all heads: IoU of the sizes on one centre
     all_anchors = torch.cat(anchors)  # (sum of A, 2)
@@ -240,12 +241,14 @@ def compute_loss(heads, targets, model, hyp=None):
                              f'{len(heads)} yolo heads; give one per head or None')
     smooth = hyp['label_smoothing']
 
-    zero = heads[0].new_zeros((), dtype=torch.float32)
+    # half-precision heads (AMP) are scored in float32, float64 ones stay float64
+    dtype = torch.promote_types(heads[0].dtype, torch.float32)
+    zero = heads[0].new_zeros((), dtype=dtype)
     box_sum, num_pairs = zero, 0
     cls_sum, num_cls = zero, 0
     obj_terms = []
     for head, layer, pairs in zip(heads, layers, assigned):
-        head = head.float()  # half-precision heads (AMP) are scored in float32
+        head = head.to(dtype)
         objectness_target = torch.zeros_like(head[..., 4])  # (B, A, H, W)
         m = len(pairs.target)
         if m:
@@ -273,7 +276,7 @@ def compute_loss(heads, targets, model, hyp=None):
 
     box = box_sum / max(num_pairs, 1)
     cls = cls_sum / max(num_cls, 1)
-    weights = torch.tensor(balance, dtype=torch.float32, device=zero.device)
+    weights = torch.tensor(balance, dtype=dtype, device=zero.device)
     obj = (torch.stack(obj_terms) * weights).sum() / weights.sum()
     box, obj, cls = box * hyp['box'], obj * hyp['obj'], cls * hyp['cls']
     total = box + obj + cls

@@ -1,0 +1,344 @@
+"""Train a Darknet detector, optionally with sparsity training for channel pruning.
+
+    python train.py --cfg cfg/yolov3-shapes.cfg --data data/shapes.data --epochs 30 \
+        -sr --s 0.001 --prune 1 --output-dir runs/sparse
+
+Sparsity training (-sr) adds an L1 penalty on the BatchNorm gammas of the convs a prune
+mode will cut (--prune 0: normal/regular, 1: shortcut, 2: tiny): s * sign(gamma) joins
+their gradients once per optimizer step. Several processes:
+`torchrun --nproc_per_node=2 train.py ... --sparsity 0.001` (gloo on CPU, nccl on CUDA;
+torchrun refuses the short --s); rank 0 evaluates and saves. Each epoch writes last.pt (and best.pt, by mAP@0.5) and a row of results.csv;
+the run ends with a histogram of the prunable gammas. --resume continues a stopped run.
+"""
+import argparse
+import csv
+import io
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from models import Darknet, load_weights
+from test import default_img_size, evaluate
+from utils import demo
+from utils.datasets import create_dataloader
+from utils.errors import UserInputError, run_cli
+from utils.fileio import atomic_output, atomic_write_text
+from utils.loss import compute_loss
+from utils.parse_config import parse_data_cfg, require_data_key
+from utils.prune_utils import (SPARSITY_MODES, add_sparsity_gradient, prunable_bn_modules,
+                               sparsity_report)
+from utils.torch_utils import (barrier, count_parameters, distributed_cleanup,
+                               distributed_setup, select_device, unwrap)
+
+RESULT_COLUMNS = ('epoch', 'box', 'obj', 'cls', 'loss', 'precision', 'recall', 'map50',
+                  'map50_95', 'f1', 'lr', 'gammas_below_0.01', 'max_safe_percent', 'seconds')
+
+
+# ---------------------------------------------------------------- optimisation
+
+def make_optimizer(model, lr, momentum, weight_decay):
+    """SGD with weight decay on conv weights only: BN gammas/betas and biases get none."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            decay.append(module.weight)
+            if module.bias is not None:
+                no_decay.append(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            no_decay += [module.weight, module.bias]
+    return torch.optim.SGD([{'params': decay, 'weight_decay': weight_decay},
+                            {'params': no_decay, 'weight_decay': 0.0}],
+                           lr=lr, momentum=momentum, nesterov=True)
+
+
+def learning_rate(step, epoch, lr0, epochs, warmup_steps, schedule, final_ratio=0.01):
+    """Per optimizer step: linear warm-up, then cosine (to lr0 * final_ratio) or steps."""
+    if schedule == 'cos':
+        lr = lr0 * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * epoch / epochs)))
+    else:  # Darknet's 'steps' policy at 80% and 90% of training
+        lr = lr0 * 0.1 ** sum(epoch >= f * epochs for f in (0.8, 0.9))
+    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, model, optimizer, epoch, best_fitness, args):
+    model = unwrap(model)
+    checkpoint = {'epoch': epoch, 'best_fitness': best_fitness, 'model': model.state_dict(),
+                  'optimizer': optimizer.state_dict(),
+                  'cfg': {'hyperparams': model.hyperparams, 'layers': model.module_defs},
+                  'args': {k: v for k, v in vars(args).items()
+                           if isinstance(v, (str, int, float, bool, type(None)))}}
+    with atomic_output(path) as f:
+        torch.save(checkpoint, f)
+
+
+def load_resume_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserInputError(f'{path}: nothing to resume (no last.pt); start without --resume '
+                             'or pass the --output-dir of the stopped run')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UserInputError(f'{path}: unreadable checkpoint ({e.__class__.__name__}); '
+                             'start the run again without --resume') from None
+    if not isinstance(checkpoint, dict) or not {'epoch', 'model', 'optimizer', 'cfg'} <= set(checkpoint):
+        raise UserInputError(f'{path}: not a train.py checkpoint; cannot resume from it')
+    return checkpoint
+
+
+def append_results(path, row):
+    """Rewrite results.csv with one more row (atomically, so a kill leaves a whole file)."""
+    old = open(path, encoding='utf-8').read() if os.path.isfile(path) else ''
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if not old:
+        writer.writerow(RESULT_COLUMNS)
+    writer.writerow([f'{row[k]:.6g}' if isinstance(row[k], float) else row[k]
+                     for k in RESULT_COLUMNS])
+    atomic_write_text(path, old + buffer.getvalue())
+
+
+def plot_gamma_histogram(bn_modules, path, title):
+    """Histogram of |gamma| over the prunable BN layers: what people read sparsity from."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    gammas = torch.cat([bn.weight.detach().abs().cpu() for bn in bn_modules]).numpy()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.hist(gammas, bins=100, color='tab:blue')
+    axis.set_yscale('log')
+    axis.set_xlim(left=0)
+    axis.set_xlabel('|gamma| of prunable BatchNorm channels')
+    axis.set_ylabel('channels')
+    axis.set_title(title)
+    figure.tight_layout()
+    with atomic_output(path) as f:
+        figure.savefig(f, format='png', dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- the run
+
+class Stop(Exception):
+    """SIGTERM during training: save last.pt and leave."""
+
+
+def _raise_stop(signum, frame):
+    raise Stop()
+
+
+def build_model(args, device, checkpoint):
+    if checkpoint is not None:  # the resumed run's own cfg, whatever --cfg says
+        cfg = checkpoint['cfg']
+        model = Darknet((cfg['hyperparams'], cfg['layers']))
+        model.load_state_dict(checkpoint['model'])
+    else:
+        model = Darknet(args.cfg)
+        if args.weights:
+            load_weights(model, args.weights, args.cutoff)
+    return model.to(device)
+
+
+def train(args):
+    """Train as `args` (get_args_parser) describe; returns the last epoch's metrics."""
+    device = select_device(args.device)
+    rank, world = distributed_setup(device)
+    if world > 1 and device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    main_process = rank == 0
+    os.makedirs(args.output_dir, exist_ok=True)
+    last, best = (os.path.join(args.output_dir, n) for n in ('last.pt', 'best.pt'))
+    checkpoint = load_resume_checkpoint(last) if args.resume else None
+
+    torch.manual_seed(args.seed)
+    options = parse_data_cfg(args.data)
+    model = build_model(args, device, checkpoint)
+    if model.num_classes != options['classes']:
+        raise UserInputError(f'{args.data}: classes={options["classes"]} but the cfg detects '
+                             f'{model.num_classes}; make a cfg with derive_cfg.py --classes')
+    img_size = default_img_size(model, args.img_size)
+    mode = SPARSITY_MODES[args.prune]
+    bn_modules = prunable_bn_modules(model, mode)
+
+    train_list = require_data_key(options, 'train', args.data)
+    loader, dataset = create_dataloader(train_list, img_size, args.batch_size,
+                                        options['classes'], augment=args.augment,
+                                        workers=args.workers, stride=model.stride,
+                                        shards=(rank, world, args.seed))
+    valid_loader = None
+    if main_process:
+        valid_loader, _ = create_dataloader(require_data_key(options, 'valid', args.data),
+                                            img_size, args.batch_size, options['classes'],
+                                            rect=True, workers=args.workers, stride=model.stride)
+
+    optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    start_epoch, best_fitness = 0, -1.0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        start_epoch, best_fitness = checkpoint['epoch'] + 1, checkpoint['best_fitness']
+        if start_epoch >= args.epochs:
+            raise UserInputError(f'{last}: the run already finished {start_epoch} epochs; '
+                                 'raise --epochs to train longer')
+    net = DistributedDataParallel(model) if world > 1 else model
+    steps_per_epoch = math.ceil(len(loader) / args.accumulate)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+    if main_process:
+        print(f'{args.cfg if checkpoint is None else last}: {count_parameters(model) / 1e6:.2f}M '
+              f'parameters, {len(dataset)} training images at {img_size}, {world} process(es), '
+              f'epochs {start_epoch + 1}..{args.epochs}' +
+              (f'; sparsity s={args.s} on {len(bn_modules)} BN layers ({mode} set)'
+               if args.sr else ''))
+    previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
+    epoch, metrics = start_epoch, {}
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            metrics = run_epoch(net, model, loader, optimizer, epoch, args, img_size,
+                                bn_modules, steps_per_epoch, warmup_steps, world, device,
+                                main_process)
+            if main_process:
+                metrics.update(epoch_end(model, valid_loader, options, bn_modules, args))
+                fitness = metrics['map50']
+                save_checkpoint(last, model, optimizer, epoch, max(best_fitness, fitness), args)
+                if fitness > best_fitness:
+                    best_fitness = fitness
+                    save_checkpoint(best, model, optimizer, epoch, best_fitness, args)
+                append_results(os.path.join(args.output_dir, 'results.csv'),
+                               {'epoch': epoch + 1, **metrics})
+                print_epoch(epoch, args.epochs, metrics)
+            barrier()
+    except (KeyboardInterrupt, Stop):
+        if main_process:  # the epoch in progress is repeated on --resume
+            save_checkpoint(last, model, optimizer, epoch - 1, best_fitness, args)
+            print(f'stopped during epoch {epoch + 1}; saved {last}; continue with --resume')
+        raise SystemExit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        distributed_cleanup()
+    if main_process:
+        plot = os.path.join(args.output_dir, 'bn_gammas.png')
+        if bn_modules:
+            plot_gamma_histogram(bn_modules, plot, f'{os.path.basename(args.output_dir)}: '
+                                 f'{mode} set, epoch {epoch + 1}')
+        print(f'wrote {last}, {best}, results.csv' + (f', {plot}' if bn_modules else ''))
+    return metrics
+
+
+def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
+              steps_per_epoch, warmup_steps, world, device, main_process):
+    """One pass over the training data; returns the mean losses and the last lr."""
+    net.train()
+    loader.sampler.set_epoch(epoch)
+    totals, batches, start = torch.zeros(4), 0, time.time()
+    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False,
+               disable=not main_process)
+    optimizer.zero_grad()
+    generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+    for i, (imgs, targets, _, _) in enumerate(bar):
+        step = epoch * steps_per_epoch + i // args.accumulate
+        lr = learning_rate(step, epoch, args.lr, args.epochs, warmup_steps, args.schedule)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        imgs, targets = imgs.to(device, non_blocking=True), targets.to(device)
+        if args.multi_scale:  # a random side in [0.5, 1.5] x img_size, a multiple of the stride
+            stride = model.stride
+            low, high = max(1, img_size // 2 // stride), (img_size * 3 // 2) // stride
+            size = int(torch.randint(low, high + 1, (1,), generator=generator)) * stride
+            imgs = F.interpolate(imgs, size=(size, size), mode='bilinear', align_corners=False)
+        loss, items = compute_loss(net(imgs), targets, model)
+        # DDP averages gradients over processes; scale back to the sum over all images
+        (loss * world).backward()
+        if (i + 1) % args.accumulate == 0 or i + 1 == len(loader):
+            if args.sr:
+                add_sparsity_gradient(bn_modules, args.s)
+            optimizer.step()
+            optimizer.zero_grad()
+        totals += items.cpu()
+        batches += 1
+        bar.set_postfix(loss=f'{totals[3] / batches:.3f}', lr=f'{lr:.2g}')
+    box, obj, cls, total = (totals / max(batches, 1)).tolist()
+    return {'box': box, 'obj': obj, 'cls': cls, 'loss': total, 'lr': lr,
+            'seconds': time.time() - start}
+
+
+def epoch_end(model, valid_loader, options, bn_modules, args):
+    result = evaluate(model, valid_loader, options['classes'], progress=False)
+    sparsity = sparsity_report(bn_modules)
+    return {**result.metrics, 'gammas_below_0.01': sparsity['share_small'],
+            'max_safe_percent': sparsity['max_safe_percent']}
+
+
+def print_epoch(epoch, epochs, m):
+    print(f'epoch {epoch + 1}/{epochs}  loss {m["loss"]:.3f} (box {m["box"]:.3f} obj '
+          f'{m["obj"]:.3f} cls {m["cls"]:.3f})  P {m["precision"]:.3f} R {m["recall"]:.3f} '
+          f'mAP@0.5 {m["map50"]:.3f}  gammas<0.01 {m["gammas_below_0.01"]:.1%}  '
+          f'max safe prune {m["max_safe_percent"]:.1%}  {m["seconds"]:.0f} s', flush=True)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--cfg', help='model definition (.cfg); default: the demo YOLOv3')
+    parser.add_argument('--data', help='data set description (.data); default: the demo set')
+    parser.add_argument('--weights', help='initial weights (.weights, .pt or a backbone file)')
+    parser.add_argument('--cutoff', type=int, help='load only layers 0..N-1 of --weights '
+                        '(darknet53.conv.74: 75, yolov3-tiny.conv.15: 16)')
+    parser.add_argument('--epochs', type=int, default=30)
+    parser.add_argument('--batch-size', type=int, default=16, help='images per step and process')
+    parser.add_argument('--accumulate', type=int, default=1, help='batches per optimizer step')
+    parser.add_argument('--img-size', type=int, help="training side in pixels (default: cfg's width)")
+    parser.add_argument('--multi-scale', action='store_true', help='vary the size per batch, 0.5x-1.5x')
+    parser.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True,
+                        help='random affine, HSV and flip augmentation')
+    parser.add_argument('--lr', type=float, default=0.01, help='initial learning rate')
+    parser.add_argument('--momentum', type=float, default=0.937)
+    parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--schedule', choices=('cos', 'step'), default='cos')
+    parser.add_argument('--warmup-epochs', type=float, default=1.0)
+    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument('--workers', type=int, default=2, help='data loading processes')
+    parser.add_argument('--output-dir', default='runs/train', help='folder for checkpoints and logs')
+    parser.add_argument('--resume', action='store_true', help='continue from --output-dir/last.pt')
+    parser.add_argument('-sr', '--sr', action='store_true', help='sparsity training on BN gammas')
+    # torchrun's own parser takes a bare --s for an ambiguous prefix of its options
+    parser.add_argument('--s', '--sparsity', dest='s', type=float, default=0.001,
+                        help='sparsity rate, L1 on gammas (under torchrun write --sparsity)')
+    parser.add_argument('--prune', type=int, choices=(0, 1, 2), default=0,
+                        help='gammas penalised: 0 normal/regular set, 1 shortcut set, 2 tiny set')
+    parser.add_argument('--seed', type=int, default=0)
+    return parser
+
+
+def check_args(args):
+    for name in ('epochs', 'batch_size', 'accumulate'):
+        if getattr(args, name) < 1:
+            raise UserInputError(f'--{name.replace("_", "-")} {getattr(args, name)}: use 1 or more')
+    if args.s < 0 or args.lr <= 0:
+        raise UserInputError('--s must be >= 0 and --lr > 0')
+    if args.cfg is None:
+        args.cfg = demo.YOLOV3['cfg']
+        args.img_size = args.img_size or demo.IMG_SIZE
+    if args.data is None:
+        args.data = demo.ensure_demo_data()
+    if args.weights and os.path.abspath(args.weights) in {
+            os.path.abspath(os.path.join(args.output_dir, n)) for n in ('last.pt', 'best.pt')}:
+        raise UserInputError(f'--weights {args.weights} would be overwritten by this run; '
+                             'copy it elsewhere or choose another --output-dir')
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    return train(args)
+
+
+if __name__ == '__main__':
+    run_cli(main)
