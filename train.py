@@ -43,8 +43,9 @@ RESULT_COLUMNS = ('epoch', 'box', 'obj', 'cls', 'loss', 'precision', 'recall', '
 
 # ---------------------------------------------------------------- optimisation
 
-def make_optimizer(model, lr, momentum, weight_decay):
-    """SGD with weight decay on conv weights only: BN gammas/betas and biases get none."""
+def make_optimizer(model, lr, momentum, weight_decay, kind='sgd'):
+    """SGD (Nesterov) or Adam, with weight decay on conv weights only: BN gammas/betas and
+    biases get none (decay would act as a second, unasked-for sparsity penalty)."""
     decay, no_decay = [], []
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -53,9 +54,11 @@ def make_optimizer(model, lr, momentum, weight_decay):
                 no_decay.append(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
             no_decay += [module.weight, module.bias]
-    return torch.optim.SGD([{'params': decay, 'weight_decay': weight_decay},
-                            {'params': no_decay, 'weight_decay': 0.0}],
-                           lr=lr, momentum=momentum, nesterov=True)
+    groups = [{'params': decay, 'weight_decay': weight_decay},
+              {'params': no_decay, 'weight_decay': 0.0}]
+    if kind == 'adam':
+        return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999))
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
 
 
 def learning_rate(step, epoch, lr0, epochs, warmup_steps, schedule, final_ratio=0.01):
@@ -180,7 +183,7 @@ def train(args):
                                             img_size, args.batch_size, options['classes'],
                                             rect=True, workers=args.workers, stride=model.stride)
 
-    optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, args.optimizer)
     start_epoch, best_fitness = 0, -1.0
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
@@ -298,6 +301,7 @@ def get_args_parser():
     parser.add_argument('--multi-scale', action='store_true', help='vary the size per batch, 0.5x-1.5x')
     parser.add_argument('--augment', action=argparse.BooleanOptionalAction, default=True,
                         help='random affine, HSV and flip augmentation')
+    parser.add_argument('--optimizer', choices=('sgd', 'adam'), default='sgd')
     parser.add_argument('--lr', type=float, default=0.01, help='initial learning rate')
     parser.add_argument('--momentum', type=float, default=0.937)
     parser.add_argument('--weight-decay', type=float, default=5e-4)

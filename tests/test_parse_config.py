@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHIPPED_CFGS, TEST_CFGS
+from conftest import ROOT, SHIPPED_CFGS, TEST_CFGS
 from derive_cfg import derive_cfg
 from models import Darknet
 from utils.errors import UserInputError
@@ -26,8 +26,7 @@ def test_write_then_parse_round_trips_exactly(cfg, tmp_path):
 
 
 def test_values_are_typed_and_trainer_keys_are_kept():
-    hyperparams, layers = parse_model_cfg(os.path.join(os.path.dirname(TEST_CFGS), '..',
-                                                       'cfg', 'yolov4-tiny.cfg'))
+    hyperparams, layers = parse_model_cfg(os.path.join(ROOT, 'cfg', 'yolov4-tiny.cfg'))
     assert hyperparams['steps'] == [1600000, 1800000] and hyperparams['hue'] == 0.1
     head = layers[30]
     assert head['type'] == 'yolo' and head['mask'] == [3, 4, 5]
@@ -128,7 +127,7 @@ def test_model_refuses_shapes_that_cannot_connect(tmp_path):
 
 
 def test_derived_cfg_has_new_heads_and_scaled_widths(tmp_path):
-    hyperparams, layers = parse_model_cfg(SHIPPED_CFGS[0])
+    hyperparams, layers = parse_model_cfg(os.path.join(ROOT, 'cfg', 'yolov3.cfg'))
     new_hyper, new_layers = derive_cfg(hyperparams, layers, classes=1, width=0.25, img_size=96)
     assert new_hyper['width'] == new_hyper['height'] == 96
     for old, new in zip(layers, new_layers):
