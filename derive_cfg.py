@@ -6,7 +6,9 @@
 Every [yolo] head gets the new class count and the conv before it is recomputed to
 len(mask) * (5 + classes) filters. A width multiplier scales every other conv's
 filters, rounded to a multiple of --divisor (8): convs of equal width stay equal, so
-shortcut sums and route groups still fit.
+shortcut sums and route groups still fit. --img-size sets the [net] input size and
+scales the anchors with it (anchors are in input pixels, and objects shrink or grow
+with the letterboxed input).
 """
 import argparse
 import copy
@@ -38,6 +40,12 @@ def derive_cfg(hyperparams, layers, classes=None, width=None, img_size=None, div
                                      f'{layer["groups"]}; grouped convs cannot be rescaled')
             layer['filters'] = scaled_width(layer['filters'], width, divisor)
     if img_size is not None:
+        # anchors are in network-input pixels, and letterboxed objects shrink or grow
+        # with the input: scale them with it
+        scale = img_size / hyperparams['width'] if hyperparams.get('width') else 1.0
+        for layer in layers:
+            if layer['type'] == 'yolo':
+                layer['anchors'] = [round(a * scale, 2) for a in layer['anchors']]
         hyperparams['width'] = hyperparams['height'] = img_size
     return hyperparams, layers
 
@@ -49,7 +57,7 @@ def get_args_parser():
     parser.add_argument('--classes', type=int, help='number of classes of every head')
     parser.add_argument('--width', type=float, help='channel-width multiplier, e.g. 0.25')
     parser.add_argument('--divisor', type=int, default=8, help='round widths to multiples of this')
-    parser.add_argument('--img-size', type=int, help='set [net] width and height')
+    parser.add_argument('--img-size', type=int, help='set [net] width and height, scaling the anchors')
     return parser
 
 

@@ -154,6 +154,7 @@ class Darknet(nn.Module):
         self.yolo_layers = [m for m in self.module_list if isinstance(m, YOLOLayer)]
         if not self.yolo_layers:
             raise UserInputError(f'{self._name()}: the cfg has no [yolo] layer')
+        self.layer_strides = [float(s) for s in scales]  # input pixels per output pixel
         self.stride = math.lcm(*(s.numerator for s in scales))
         self.seen = 0  # images seen in training, kept in the .weights header
 

@@ -145,9 +145,27 @@ def build_model(args, device, checkpoint):
         model.load_state_dict(checkpoint['model'])
     else:
         model = Darknet(args.cfg)
+        if args.cutoff is not None or not args.weights:
+            init_head_biases(model, args.img_size or model.hyperparams.get('width') or 416)
         if args.weights:
             load_weights(model, args.weights, args.cutoff)
     return model.to(device)
+
+
+def init_head_biases(model, img_size, objects_per_image=8):
+    """Start every head near the data's priors: about `objects_per_image` positives per
+    image in objectness, every class equally likely. Untrained heads output 0.5 for
+    every cell; the gradient that pushes a whole image's cells down at once otherwise
+    drives deep models into predicting nothing for many epochs."""
+    with torch.no_grad():
+        for i, layer in enumerate(model.module_defs):
+            if layer['type'] != 'yolo':
+                continue
+            head = model.module_list[i]
+            bias = model.module_list[i - 1].Conv2d.bias.view(head.num_anchors, -1)
+            cells = (img_size / model.layer_strides[i]) ** 2  # of this head, per anchor
+            bias[:, 4] = math.log(objects_per_image / cells)
+            bias[:, 5:] = math.log(0.6 / max(head.num_classes - 0.99, 0.01))
 
 
 def train(args):
