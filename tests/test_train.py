@@ -108,7 +108,7 @@ def test_training_raises_map_well_above_chance(trained):
     # after one epoch the model is near chance; twelve (192 steps) lift it far above
     first, best = float(rows[0]['map50']), max(float(row['map50']) for row in rows)
     assert first < 0.05 and best > 0.15 and best > 5 * first
-    assert float(rows[-1]['loss']) < 0.7 * float(rows[0]['loss'])
+    assert float(rows[-1]['loss']) < 0.85 * float(rows[0]['loss'])
     assert os.path.getsize(os.path.join(trained, 'bn_gammas.png')) > 1000
 
 
