@@ -101,7 +101,9 @@ class YOLOLayer(nn.Module):
 
     def __init__(self, anchors, num_classes, scale_x_y=1.0):
         super().__init__()
-        self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2))
+        # not persistent: the cfg is the one source of anchors, a checkpoint never overrides it
+        self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2),
+                             persistent=False)
         self.num_anchors, self.num_classes = len(anchors), num_classes
         self.num_outputs = num_classes + 5
         self.scale_x_y = scale_x_y
@@ -371,8 +373,10 @@ def _read_checkpoint(path):
                                               for v in state.values()):
         raise UserInputError(f"{path}: holds no model state dict (expected a dict of tensors "
                              "or {'model': state_dict, ...})")
-    # DistributedDataParallel prefixes every key with 'module.'
-    return {k[7:] if k.startswith('module.') else k: v for k, v in state.items()}
+    # DistributedDataParallel prefixes every key with 'module.'; early checkpoints of this
+    # project also stored the anchors, which the cfg alone defines
+    return {k[7:] if k.startswith('module.') else k: v for k, v in state.items()
+            if not k.endswith('.anchors')}
 
 
 def load_checkpoint_weights(model, path):

@@ -1,10 +1,11 @@
-"""Channel pruning, regular mode: not built yet (the pruning issue fills this script).
+"""Prune channels, regular mode: normal's layers, kept widths rounded up to powers of two (or --round-to N).
 
-Running it says so and exits 1; nothing is read or written.
+    python prune_regular.py --cfg CFG --weights SPARSE.pt --data DATA --percent 0.5
+
+With no arguments it prunes the sparse demo model on the demo data.
 """
-import sys
+from utils.errors import run_cli
+from utils.prune_cli import main
 
 if __name__ == '__main__':
-    print('prune_regular.py: channel pruning is not built yet; see the open pruning issue',
-          file=sys.stderr)
-    sys.exit(1)
+    run_cli(lambda argv: main('regular', argv))

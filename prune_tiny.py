@@ -1,10 +1,11 @@
-"""Channel pruning, tiny mode: not built yet (the pruning issue fills this script).
+"""Prune channels, tiny mode (YOLOv3-tiny-like cfgs without shortcuts): every BN conv except those feeding an upsample.
 
-Running it says so and exits 1; nothing is read or written.
+    python prune_tiny.py --cfg CFG --weights SPARSE.pt --data DATA --percent 0.5
+
+With no arguments it prunes the sparse demo model on the demo data.
 """
-import sys
+from utils.errors import run_cli
+from utils.prune_cli import main
 
 if __name__ == '__main__':
-    print('prune_tiny.py: channel pruning is not built yet; see the open pruning issue',
-          file=sys.stderr)
-    sys.exit(1)
+    run_cli(lambda argv: main('tiny', argv))

@@ -10,10 +10,14 @@ channels, so its output channel has the origins of both. From that one table fol
 - consumers: for each conv, which input channel comes from which conv channel.
 No layer index is written anywhere; everything is derived from the typed cfg layers.
 """
+import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from models import LEAKY_SLOPE, Darknet
 from utils.errors import UserInputError
 from utils.parse_config import resolve_refs
 
@@ -28,6 +32,9 @@ class GraphInfo:
     shortcut_groups: list = field(default_factory=list)  # sets of convs tied by sums
     upsample_feeders: set = field(default_factory=set)
     sliced_convs: set = field(default_factory=set)
+    # convs whose pruned channels could not be folded away: a zero gamma and beta would
+    # not give a zero output (logistic), or a grouped conv reads them
+    unfoldable: set = field(default_factory=set)
     has_shortcut: bool = False
 
     def group_of(self, conv):
@@ -46,6 +53,10 @@ def analyze_graph(layers, in_channels=3):
             out = [frozenset({(i, c)}) for c in range(layer['filters'])]
             if layer.get('batch_normalize', 0):
                 info.bn_convs.append(i)
+            if layer.get('groups', 1) > 1:
+                info.unfoldable |= _convs_in(previous) | {i}
+            if layer.get('activation', 'logistic') == 'logistic':
+                info.unfoldable.add(i)
         elif kind in ('maxpool', 'yolo'):
             out = previous
         elif kind == 'upsample':
@@ -68,6 +79,8 @@ def analyze_graph(layers, in_channels=3):
                                      f'{len(previous)}; widths must be equal')
             out = [a | b for a, b in zip(previous, other)]
             ties += [_convs_in([o]) for o in out]
+            if layer.get('activation', 'linear') == 'logistic':
+                info.unfoldable |= _convs_in(out)
             info.has_shortcut = True
         else:
             raise UserInputError(f'layer {i}: unknown layer type [{kind}]')
@@ -107,7 +120,7 @@ def prunable_convs(layers, mode, in_channels=3, info=None):
         raise UserInputError('the cfg has [shortcut] layers; tiny mode is for '
                              'yolov3-tiny-like models: use prune_shortcut.py or '
                              'prune_normal.py')
-    kept_whole = info.upsample_feeders | info.sliced_convs
+    kept_whole = info.upsample_feeders | info.sliced_convs | info.unfoldable
     if mode in ('normal', 'regular'):
         kept_whole |= set().union(*info.shortcut_groups)
     if mode == 'shortcut':  # a group is pruned with one mask only when all of it may be
@@ -144,3 +157,222 @@ def sparsity_report(bn_modules, small=0.01):
     return {'channels': everything.numel(),
             'share_small': (everything < small).float().mean().item(),
             'max_safe_percent': (everything < limit).float().mean().item()}
+
+
+# ---------------------------------------------------------------- masks
+
+@dataclass
+class PrunePlan:
+    """Which channels a run keeps, and the figures it was decided from."""
+    mode: str
+    percent: float
+    threshold: float        # channels with |gamma| <= threshold are pruned (before top-ups)
+    safe_percent: float     # pruning this share or more would empty some unit
+    units: list             # lists of convs that share one mask (shortcut groups, or one conv)
+    masks: dict             # conv layer -> bool tensor over its output channels, True = keep
+
+
+def _units(info, prunable, mode):
+    """Convs that share a mask: whole shortcut groups in shortcut mode, else single convs."""
+    if mode != 'shortcut':
+        return [[i] for i in prunable]
+    grouped = set().union(*info.shortcut_groups) if info.shortcut_groups else set()
+    units = [sorted(g) for g in info.shortcut_groups if g <= set(prunable)]
+    return sorted(units + [[i] for i in prunable if i not in grouped], key=lambda u: u[0])
+
+
+def _rounded_count(kept, channels, round_to):
+    """Regular mode: kept count rounded up to a power of two (8..1024) or a multiple of
+    `round_to`, never above the layer's width."""
+    if round_to:
+        target = max(round_to, -(-kept // round_to) * round_to)
+    else:
+        target = 8
+        while target < kept and target < 1024:
+            target *= 2
+    return min(max(target, kept), channels)
+
+
+def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None):
+    """Masks for `mode` at a global |gamma| threshold that prunes `percent` of the
+    prunable channels. A shortcut group keeps a channel when any of its convs keeps it
+    (the union of their masks), so a channel goes only when every branch summed into it
+    is near zero. Refuses a percent that would empty a unit unless `layer_keep` (keep at
+    least that share of each unit, one channel at least); regular mode never empties one.
+    """
+    if not 0 <= percent < 1:
+        raise UserInputError(f'--percent {percent}: must be in [0, 1), e.g. 0.5 prunes half '
+                             'of the prunable channels')
+    if layer_keep is not None and not 0 < layer_keep <= 1:
+        raise UserInputError(f'--layer-keep {layer_keep}: must be in (0, 1]')
+    channels_in = model.hyperparams.get('channels', 3)
+    info = info or analyze_graph(model.module_defs, channels_in)
+    prunable = prunable_convs(model.module_defs, mode, channels_in, info)
+    if not prunable:
+        raise UserInputError(f'{model._name()}: no conv can be pruned in {mode} mode '
+                             '(every BN conv is tied to an upsample, a sliced route or a '
+                             'grouped conv); try another mode')
+    gammas = {i: model.module_list[i].BatchNorm2d.weight.detach().abs().float().cpu()
+              for i in prunable}
+    units = _units(info, prunable, mode)
+    ordered = torch.cat([gammas[i] for i in prunable]).sort().values
+    count = int(len(ordered) * percent)
+    threshold = float(ordered[count - 1]) if count else float('-inf')
+    limit = min(max(float(gammas[i].max()) for i in unit) for unit in units)
+    safe = float((ordered < limit).float().mean())
+    if mode != 'regular' and layer_keep is None and percent >= safe:
+        raise UserInputError(f'--percent {percent:g} would empty a layer: the largest safe '
+                             f'percent for this model and mode is {safe:.4f}; prune less, or '
+                             'pass --layer-keep F to keep a share F of every layer')
+    masks = {i: torch.ones(layer_module_width(model, i), dtype=torch.bool)
+             for i in info.bn_convs}
+    for unit in units:
+        score = torch.stack([gammas[i] for i in unit]).max(0).values  # a channel's best branch
+        keep = score > threshold
+        target = int(keep.sum())
+        if layer_keep is not None:
+            target = max(target, 1, math.ceil(layer_keep * len(score)))
+        if mode == 'regular':
+            target = _rounded_count(target, len(score), round_to)
+        if target > keep.sum():  # top up with the largest gammas
+            keep = torch.zeros_like(keep)
+            keep[score.argsort(descending=True)[:target]] = True
+        for i in unit:
+            masks[i] = keep.clone()
+    return PrunePlan(mode, percent, threshold, safe, units, masks)
+
+
+def layer_module_width(model, i):
+    return model.module_list[i].Conv2d.out_channels
+
+
+# ---------------------------------------------------------------- folding
+
+def _activation(name):
+    return {'leaky': lambda x: F.leaky_relu(x, LEAKY_SLOPE), 'mish': F.mish, 'swish': F.silu,
+            'relu': F.relu, 'logistic': torch.sigmoid, 'linear': lambda x: x}[name]
+
+
+def pruned_constants(model, masks):
+    """Per layer, (C,) tensor of each output channel's constant value, NaN where the
+    channel is live. A pruned channel outputs act(beta) (its gamma is ~0); the value is
+    carried through maxpool, upsample, route slices and concatenation, and shortcut sums
+    (a sum is constant when all its terms are)."""
+    constants, previous = [], None
+    for i, layer in enumerate(model.module_defs):
+        kind = layer['type']
+        if kind == 'convolutional':
+            out = torch.full((layer['filters'],), float('nan'))
+            if i in masks and not masks[i].all():
+                beta = model.module_list[i].BatchNorm2d.bias.detach().float().cpu()
+                act = _activation(layer.get('activation', 'logistic'))
+                out[~masks[i]] = act(beta[~masks[i]])
+        elif kind == 'route':
+            groups, group_id = layer.get('groups', 1), layer.get('group_id', 0)
+            parts = [constants[s] for s in resolve_refs(i, layer['layers'])]
+            out = torch.cat([p.chunk(groups)[group_id] for p in parts])
+        elif kind == 'shortcut':
+            other = constants[resolve_refs(i, layer['from'])[0]]
+            mixed = previous.isnan() != other.isnan()
+            assert not mixed.any(), f'layer {i}: a shortcut sums pruned and live channels'
+            out = _activation(layer.get('activation', 'linear'))(previous + other)
+        else:  # maxpool, upsample, yolo pass channels through
+            out = previous
+        constants.append(out)
+        previous = out
+    return constants
+
+
+def fold_constants(model, constants):
+    """Fold each conv's constant inputs into its BN running_mean (or its bias): with
+    weights W (out, in, kh, kw), a constant input c adds W.sum((2, 3)) @ c everywhere
+    (exactly in the interior, approximately on zero-padded borders)."""
+    with torch.no_grad():
+        for i, layer in enumerate(model.module_defs):
+            if layer['type'] != 'convolutional' or i == 0:
+                continue
+            c = constants[i - 1]
+            if not (~c.isnan()).any():
+                continue
+            conv = model.module_list[i].Conv2d
+            assert conv.groups == 1, f'layer {i}: constants reach a grouped conv'
+            weight = conv.weight.detach().sum((2, 3))  # (out, in)
+            offset = weight @ torch.nan_to_num(c, nan=0.0).to(weight)  # (out,)
+            block = model.module_list[i]
+            if hasattr(block, 'BatchNorm2d'):
+                block.BatchNorm2d.running_mean.sub_(offset)
+            else:
+                conv.bias.add_(offset)
+
+
+def keep_size_model(model, masks):
+    """Same shapes; pruned channels' gamma and beta zeroed, their act(beta) folded into
+    every consumer. Pruned channels then output act(0) = 0 (logistic convs, whose act(0)
+    is not 0, are never pruned)."""
+    constants = pruned_constants(model, masks)
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, mask in masks.items():
+            bn = pruned.module_list[i].BatchNorm2d
+            bn.weight[~mask] = 0
+            bn.bias[~mask] = 0
+    fold_constants(pruned, constants)
+    return pruned, constants
+
+
+def compact_model(keep_size, masks, constants):
+    """The pruned model with the kept widths, weights copied from the keep-size model."""
+    layers = copy.deepcopy(keep_size.module_defs)
+    for i, mask in masks.items():
+        layers[i]['filters'] = int(mask.sum())
+    compact = Darknet((copy.deepcopy(keep_size.hyperparams), layers)).to(
+        next(keep_size.parameters()).device)
+    channels_in = keep_size.hyperparams.get('channels', 3)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            if layer['type'] != 'convolutional':
+                continue
+            out_idx = masks[i].nonzero()[:, 0] if i in masks else None
+            in_idx = (torch.arange(channels_in) if i == 0
+                      else constants[i - 1].isnan().nonzero()[:, 0])
+            _copy_conv(keep_size.module_list[i], compact.module_list[i], out_idx, in_idx)
+    compact.seen = keep_size.seen
+    return compact
+
+
+def _copy_conv(source, target, out_idx, in_idx):
+    """Copy a conv block's kept output channels (`out_idx`, None = all) of its live inputs."""
+    weight = source.Conv2d.weight.detach()
+    if out_idx is not None:
+        weight = weight[out_idx.to(weight.device)]
+    if source.Conv2d.groups == 1:
+        weight = weight[:, in_idx.to(weight.device)]
+    assert weight.shape == target.Conv2d.weight.shape, (weight.shape, target.Conv2d.weight.shape)
+    target.Conv2d.weight.copy_(weight)
+    pick = (lambda t: t.detach()) if out_idx is None else (lambda t: t.detach()[out_idx.to(t.device)])
+    if hasattr(source, 'BatchNorm2d'):
+        for name in ('weight', 'bias', 'running_mean', 'running_var'):
+            value = pick(getattr(source.BatchNorm2d, name))
+            assert value.shape == getattr(target.BatchNorm2d, name).shape
+            getattr(target.BatchNorm2d, name).copy_(value)
+    else:
+        target.Conv2d.bias.copy_(pick(source.Conv2d.bias))
+
+
+def prune(model, plan):
+    """(keep-size model, compact model) for `plan`."""
+    keep_size, constants = keep_size_model(model, plan.masks)
+    return keep_size, compact_model(keep_size, plan.masks, constants)
+
+
+def output_difference(first, second, img_size, seed=0):
+    """Largest disagreement of two models' detections on one random image, as a share of
+    the output scale: box coordinates over the input size, probabilities as they are."""
+    device = next(first.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, first.hyperparams.get('channels', 3), img_size, img_size,
+                   generator=generator).to(device)
+    with torch.no_grad():
+        a, b = first.eval()(x), second.eval()(x)
+    boxes = (a[..., :4] - b[..., :4]).abs().max() / img_size
+    return float(max(boxes, (a[..., 4:] - b[..., 4:]).abs().max()))

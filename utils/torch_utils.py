@@ -66,3 +66,44 @@ def barrier():
 def unwrap(model):
     """The Darknet model inside a DistributedDataParallel wrapper, or the model itself."""
     return model.module if hasattr(model, 'module') else model
+
+
+# ---------------------------------------------------------------- model cost
+
+def count_macs(model, img_size, device=None):
+    """Multiply-accumulates of one forward pass at img_size x img_size (convolutions only:
+    everything else is a rounding error in these models)."""
+    device = device or next(model.parameters()).device
+    total = []
+
+    def hook(module, inputs, output):
+        kernel = module.weight[0].numel()  # (in / groups) * kh * kw
+        total.append(output.numel() // output.shape[0] * kernel)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, model.hyperparams.get('channels', 3), img_size,
+                                     img_size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return sum(total)
+
+
+def measure_latency(model, img_size, device=None, runs=20, warmup=3):
+    """Median seconds of a batch-1 forward pass (synchronised on CUDA)."""
+    device = device or next(model.parameters()).device
+    x = torch.rand(1, model.hyperparams.get('channels', 3), img_size, img_size, device=device)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            start = time_sync(device)
+            model(x)
+            if i >= warmup:
+                times.append(time_sync(device) - start)
+    return sorted(times)[len(times) // 2]
