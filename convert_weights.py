@@ -6,14 +6,13 @@
 The format follows each file's extension: .pt/.pth is a PyTorch checkpoint
 ({'model': state_dict}), anything else Darknet .weights (version 0.2.5).
 """
-import argparse
 
 from models import convert_weights
-from utils.errors import run_cli
+from utils.errors import ArgumentParser, run_cli
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', required=True, help='model definition (.cfg)')
     parser.add_argument('--weights', required=True, help='input weights (.pt or .weights)')
     parser.add_argument('--output', required=True, help='output weights (.pt or .weights)')

@@ -10,11 +10,10 @@ shortcut sums and route groups still fit. --img-size sets the [net] input size a
 scales the anchors with it (anchors are in input pixels, and objects shrink or grow
 with the letterboxed input).
 """
-import argparse
 import copy
 import os
 
-from utils.errors import UserInputError, run_cli
+from utils.errors import ArgumentParser, UserInputError, run_cli
 from utils.parse_config import parse_model_cfg, write_cfg
 
 
@@ -51,7 +50,7 @@ def derive_cfg(hyperparams, layers, classes=None, width=None, img_size=None, div
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', required=True, help='source model definition (.cfg)')
     parser.add_argument('--output', required=True, help='new model definition (.cfg)')
     parser.add_argument('--classes', type=int, help='number of classes of every head')

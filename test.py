@@ -6,7 +6,6 @@
 With no arguments it evaluates the demo model on the demo data. `evaluate(...)` is the
 same evaluation for other scripts (train.py after each epoch, the prune scripts).
 """
-import argparse
 import json
 import os
 import time
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from models import Darknet, load_weights
 from utils import demo
 from utils.datasets import create_dataloader
-from utils.errors import UserInputError, run_cli
+from utils.errors import ArgumentParser, UserInputError, run_cli
 from utils.fileio import atomic_write_text
 from utils.metrics import (ap_per_class, match_detections, non_max_suppression,
                            scale_boxes_to_original, xywh2xyxy)
@@ -136,7 +135,7 @@ def load_model(cfg, weights, device):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', help='model definition (.cfg); default: the demo model')
     parser.add_argument('--weights', help='model weights (.weights or .pt)')
     parser.add_argument('--data', help='data set description (.data); default: the demo set')

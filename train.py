@@ -28,7 +28,7 @@ from models import Darknet, load_weights
 from test import default_img_size, evaluate
 from utils import demo
 from utils.datasets import create_dataloader
-from utils.errors import UserInputError, run_cli
+from utils.errors import ArgumentParser, UserInputError, run_cli
 from utils.fileio import atomic_output, atomic_write_text
 from utils.loss import compute_loss
 from utils.parse_config import parse_data_cfg, require_data_key
@@ -306,7 +306,7 @@ def print_epoch(epoch, epochs, m):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', help='model definition (.cfg); default: the demo YOLOv3')
     parser.add_argument('--data', help='data set description (.data); default: the demo set')
     parser.add_argument('--weights', help='initial weights (.weights, .pt or a backbone file)')

@@ -21,7 +21,6 @@ The repository's own data/shapes.data points at data/shapes/ with paths relative
 repository root (run scripts from there); `ensure_shapes()` builds that default set the
 first time it is needed.
 """
-import argparse
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.errors import UserInputError, run_cli  # noqa: E402
+from utils.errors import ArgumentParser, UserInputError, run_cli  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
 from utils.parse_config import parse_data_cfg  # noqa: E402
 
@@ -304,7 +303,7 @@ def ensure_shapes(data_path='data/shapes.data', seed=SEED, n_train=N_TRAIN, n_va
 # ---------------------------------------------------------------------------- CLI
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description='Generate the synthetic shapes detection set.')
+    p = ArgumentParser(description='Generate the synthetic shapes detection set.')
     p.add_argument('--out', default='data/shapes',
                    help='output folder (gets images/, labels/, train.txt, valid.txt)')
     p.add_argument('--seed', type=int, default=SEED, help='random seed; same seed, same files')

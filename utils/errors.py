@@ -5,11 +5,20 @@ Every problem caused by the user's input (a file, a flag, a cfg line) raises
 how to fix it. Scripts wrap `main` in `run_cli`, which prints that line and exits 2:
 no traceback for a user error. Anything else is a bug and keeps its traceback.
 """
+import argparse
 import sys
 
 
 class UserInputError(Exception):
     """A problem with the user's input; the message is shown to the user as is."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserInputError: one line, exit 2, like every other
+    refusal (argparse itself prints the whole usage first)."""
+
+    def error(self, message):
+        raise UserInputError(f'{self.prog}: {message} (see --help)')
 
 
 def run_cli(main, argv=None):

@@ -70,40 +70,32 @@ def unwrap(model):
 
 # ---------------------------------------------------------------- model cost
 
-def count_macs(model, img_size, device=None):
-    """Multiply-accumulates of one forward pass at img_size x img_size (convolutions only:
-    everything else is a rounding error in these models)."""
-    device = device or next(model.parameters()).device
-    total = []
-
-    def hook(module, inputs, output):
-        kernel = module.weight[0].numel()  # (in / groups) * kh * kw
-        total.append(output.numel() // output.shape[0] * kernel)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, torch.nn.Conv2d)]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, model.hyperparams.get('channels', 3), img_size,
-                                     img_size, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return sum(total)
+def count_macs(model, img_size):
+    """Multiply-accumulates of the convolutions (everything else is a rounding error in
+    these models) for one img_size x img_size image, from the layer shapes alone."""
+    total = 0
+    for i, layer in enumerate(model.module_defs):
+        if layer['type'] == 'convolutional':
+            conv = model.module_list[i].Conv2d
+            cells = (img_size // model.layer_strides[i]) ** 2
+            total += int(cells) * conv.weight.numel()  # out * (in / groups) * kh * kw
+    return total
 
 
-def measure_latency(model, img_size, device=None, runs=20, warmup=3):
-    """Median seconds of a batch-1 forward pass (synchronised on CUDA)."""
+def measure_latency(model, img_size, device=None, min_runs=3, max_runs=50, budget=0.0,
+                    warmup=0):
+    """Median seconds of a batch-1 forward pass (synchronised on CUDA), after `warmup`
+    passes: at least `min_runs`, then more until `budget` seconds or `max_runs`. The
+    median of three already ignores a slow first pass."""
     device = device or next(model.parameters()).device
     x = torch.rand(1, model.hyperparams.get('channels', 3), img_size, img_size, device=device)
     model.eval()
     times = []
     with torch.no_grad():
-        for i in range(warmup + runs):
+        for _ in range(warmup):
+            model(x)
+        while len(times) < min_runs or (sum(times) < budget and len(times) < max_runs):
             start = time_sync(device)
             model(x)
-            if i >= warmup:
-                times.append(time_sync(device) - start)
+            times.append(time_sync(device) - start)
     return sorted(times)[len(times) // 2]
