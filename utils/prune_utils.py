@@ -218,9 +218,11 @@ def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None):
     ordered = torch.cat([gammas[i] for i in prunable]).sort().values
     count = int(len(ordered) * percent)
     threshold = float(ordered[count - 1]) if count else float('-inf')
+    # a unit is emptied once the cut reaches the smallest of the units' largest gammas
     limit = min(max(float(gammas[i].max()) for i in unit) for unit in units)
-    safe = float((ordered < limit).float().mean())
-    if mode != 'regular' and layer_keep is None and percent >= safe:
+    below = int((ordered < limit).sum())
+    safe = below / len(ordered)
+    if mode != 'regular' and layer_keep is None and count > below:
         raise UserInputError(f'--percent {percent:g} would empty a layer: the largest safe '
                              f'percent for this model and mode is {safe:.4f}; prune less, or '
                              'pass --layer-keep F to keep a share F of every layer')
