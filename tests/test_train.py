@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, TEST_CFGS
 from data.make_shapes import generate
-from models import Darknet, load_weights
+from models import Darknet, load_weights, save_weights
 from utils.prune_utils import prunable_convs
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
@@ -161,3 +161,26 @@ def test_map_agrees_with_pycocotools(trained, shapes64, tmp_path):
     assert ours['map50'] > 0.1  # a comparison on a model that detects something
     assert abs(ours['map50'] - per_threshold[0]) < 0.01
     assert abs(ours['map50_95'] - np.mean(per_threshold)) < 0.02
+
+
+def test_pruned_model_trains_with_sparsity_and_prunes_again(shapes8, tmp_path):
+    """The iterative road: prune, sparsity-train the compact cfg + weights, prune again."""
+    from utils.prune_cli import main as prune_main
+    weights = str(tmp_path / 'start.weights')
+    model = Darknet(CFG)
+    with torch.no_grad():  # give half of every prunable layer small gammas
+        for i in prunable_convs(model.module_defs, 'tiny'):
+            model.module_list[i].BatchNorm2d.weight[::2] = 1e-3
+    save_weights(model, weights)
+    first = prune_main('tiny', ['--cfg', CFG, '--weights', weights, '--percent', '0.4',
+                                '--img-size', '64', '--output-dir', str(tmp_path / 'p1')])
+    run = str(tmp_path / 'run')
+    _train('--cfg', first['cfg'], '--weights', first['weights'], '--data', shapes8,
+           '--epochs', '1', '--batch-size', '4', '--img-size', '64', '-sr', '--prune', '2',
+           '--output-dir', run)
+    second = prune_main('tiny', ['--cfg', first['cfg'], '--weights',
+                                 os.path.join(run, 'last.pt'), '--percent', '0.3',
+                                 '--layer-keep', '0.1', '--img-size', '64',
+                                 '--output-dir', str(tmp_path / 'p2')])
+    assert second['after']['params'] < first['after']['params'] < first['before']['params']
+    assert second['difference'] < 1e-5
