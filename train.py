@@ -227,7 +227,7 @@ def train(args):
                                 bn_modules, steps_per_epoch, warmup_steps, world, device,
                                 main_process)
             if main_process:
-                metrics.update(epoch_end(model, valid_loader, options, bn_modules, args))
+                metrics.update(epoch_end(model, valid_loader, options, mode))
                 fitness = metrics['map50']
                 save_checkpoint(last, model, optimizer, epoch, max(best_fitness, fitness), args)
                 if fitness > best_fitness:
@@ -291,9 +291,9 @@ def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
             'seconds': time.time() - start}
 
 
-def epoch_end(model, valid_loader, options, bn_modules, args):
+def epoch_end(model, valid_loader, options, mode):
     result = evaluate(model, valid_loader, options['classes'], progress=False)
-    sparsity = sparsity_report(bn_modules)
+    sparsity = sparsity_report(model, mode)
     return {**result.metrics, 'gammas_below_0.01': sparsity['share_small'],
             'max_safe_percent': sparsity['max_safe_percent']}
 

@@ -12,17 +12,15 @@ every layer, so shortcut groups have whole channels to lose.
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import Darknet, load_weights, save_weights  # noqa: E402
 from utils.prune_cli import main as prune_main  # noqa: E402
-from utils.torch_utils import count_macs, measure_latency  # noqa: E402
+from utils.torch_utils import count_macs, measure_latency, median_seconds  # noqa: E402
 
 
 def sparse_like(model, seed=0):
@@ -39,15 +37,6 @@ def sparse_like(model, seed=0):
     return model
 
 
-def median_time(function, repeat):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', default='cfg/yolov3.cfg')
@@ -61,12 +50,12 @@ def main(argv=None):
         weights = os.path.join(folder, 'sparse.weights')
         save_weights(sparse_like(Darknet(args.cfg)), weights)
         copy = os.path.join(folder, 'copy.weights')
-        bare = median_time(lambda: save_weights(load_weights(Darknet(args.cfg), weights), copy),
+        bare = median_seconds(lambda: save_weights(load_weights(Darknet(args.cfg), weights), copy),
                            args.repeat)
         flags = ['--cfg', args.cfg, '--weights', weights, '--percent', str(args.percent),
                  '--img-size', str(args.img_size), '--output-dir', os.path.join(folder, 'out')]
         results = []
-        pruning = median_time(lambda: results.append(prune_main(args.mode, flags)), args.repeat)
+        pruning = median_seconds(lambda: results.append(prune_main(args.mode, flags)), args.repeat)
         result = results[-1]
         original = load_weights(Darknet(args.cfg), weights)
         compact = load_weights(Darknet(result['cfg']), result['weights'])

@@ -8,24 +8,14 @@ OpenCV's reader (which checks nothing), so the ratios hold on a noisy machine.
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import Darknet, load_darknet_weights, save_weights  # noqa: E402
-
-
-def median_seconds(function, repeat):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from utils.torch_utils import median_seconds  # noqa: E402
 
 
 def main(argv=None):

@@ -92,16 +92,31 @@ def test_origins_follow_routes_groups_and_sums():
     assert info.upsample_feeders == {19}
 
 
-def test_sparsity_report_and_gradient():
-    first, second = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(2)
+def test_sparsity_report_matches_a_brute_force_search():
+    from models import Darknet
+    model = Darknet(os.path.join(TEST_CFGS, 'small_detector.cfg'))
+    convs = prunable_convs(model.module_defs, 'tiny')
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        first.weight.copy_(torch.tensor([0.001, -0.5, 0.2]))
-        second.weight.copy_(torch.tensor([0.005, 0.05]))
-    report = sparsity_report([first, second])
-    assert report['channels'] == 5
-    assert report['share_small'] == pytest.approx(2 / 5)
-    # the smallest per-layer max |gamma| is 0.05: two gammas lie below it
-    assert report['max_safe_percent'] == pytest.approx(2 / 5)
-    first.weight.grad = torch.zeros(3)
-    add_sparsity_gradient([first], 0.01)
-    assert torch.equal(first.weight.grad, torch.tensor([0.01, -0.01, 0.01]))
+        for j, i in enumerate(convs):  # layer j's gammas reach at most 0.1 * (j + 1)
+            bn = model.module_list[i].BatchNorm2d
+            bn.weight.copy_(torch.rand(bn.num_features, generator=generator) * 0.1 * (j + 1))
+    gammas = [(i, g) for i in convs
+              for g in model.module_list[i].BatchNorm2d.weight.abs().tolist()]
+    ordered = sorted(gammas, key=lambda pair: pair[1])
+    safe = 0  # cut the k smallest while every layer keeps a channel
+    while safe < len(ordered) and {i for i, _ in ordered[safe + 1:]} == set(convs):
+        safe += 1
+    report = sparsity_report(model, 'tiny')
+    assert report['channels'] == len(gammas)
+    assert report['max_safe_percent'] == pytest.approx(safe / len(gammas))
+    assert report['share_small'] == pytest.approx(sum(g < 0.01 for _, g in gammas) / len(gammas))
+
+
+def test_sparsity_gradient_is_s_times_sign():
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.001, -0.5, 0.2]))
+    bn.weight.grad = torch.zeros(3)
+    add_sparsity_gradient([bn], 0.01)
+    assert torch.equal(bn.weight.grad, torch.tensor([0.01, -0.01, 0.01]))

@@ -1,13 +1,19 @@
-"""The pruning library: graph analysis of a cfg -> which BN convs each mode may prune.
+"""The pruning library: graph analysis -> masks (the mode's policy) -> folding -> compact.
 
-Graph analysis follows every output channel of every layer back to the conv channels
+1. Graph analysis follows every output channel of every layer back to the conv channels
 it is made of (its *origins*): maxpool and upsample pass channels through, a route
 concatenates (and with `groups` slices) its inputs' channel lists, a shortcut sums two
 channels, so its output channel has the origins of both. From that one table follow:
 - shortcut groups: convs whose channels are summed together must keep one mask;
 - upsample feeders: convs whose channels reach an [upsample];
 - sliced convs: convs whose output a `groups` route slices (kept whole for now);
-- consumers: for each conv, which input channel comes from which conv channel.
+- unfoldable convs: logistic ones, and those feeding grouped convs, stay whole.
+2. Masks: one global |gamma| threshold over the prunable channels; the mode decides
+   which convs are prunable and how counts are rounded (`plan_masks`).
+3. Folding: a cut channel still outputs act(beta); that constant is followed through
+   the graph and folded into every conv that reads it (`pruned_constants`,
+   `fold_constants`), giving the keep-size model.
+4. Compact model: new cfg widths, weights copied by kept output / live input indices.
 No layer index is written anywhere; everything is derived from the typed cfg layers.
 """
 import copy
@@ -146,17 +152,15 @@ def add_sparsity_gradient(bn_modules, s):
             bn.weight.grad.add_(torch.sign(bn.weight.detach()), alpha=s)
 
 
-def sparsity_report(bn_modules, small=0.01):
-    """Share of gammas under `small`, and the largest percent prunable without
-    emptying a layer (the smallest per-layer max |gamma|'s rank in the sorted list)."""
-    if not bn_modules:
+def sparsity_report(model, mode, small=0.01):
+    """Share of the mode's prunable gammas under `small`, and the largest share of them
+    that could be pruned without emptying a layer (or a shortcut group)."""
+    _, units, gammas = prunable_units(model, mode)
+    if not units:
         return {'channels': 0, 'share_small': 0.0, 'max_safe_percent': 0.0}
-    gammas = [bn.weight.detach().abs().float().cpu() for bn in bn_modules]
-    everything = torch.cat(gammas)
-    limit = min(g.max() for g in gammas)
-    return {'channels': everything.numel(),
-            'share_small': (everything < small).float().mean().item(),
-            'max_safe_percent': (everything < limit).float().mean().item()}
+    ordered = torch.cat(list(gammas.values())).sort().values
+    return {'channels': len(ordered), 'share_small': float((ordered < small).float().mean()),
+            'max_safe_percent': _safe_count(ordered, units, gammas) / len(ordered)}
 
 
 # ---------------------------------------------------------------- masks
@@ -167,7 +171,7 @@ class PrunePlan:
     mode: str
     percent: float
     threshold: float        # channels with |gamma| <= threshold are pruned (before top-ups)
-    safe_percent: float     # pruning this share or more would empty some unit
+    safe_percent: float     # the largest share that empties no unit
     units: list             # lists of convs that share one mask (shortcut groups, or one conv)
     masks: dict             # conv layer -> bool tensor over its output channels, True = keep
 
@@ -179,6 +183,23 @@ def _units(info, prunable, mode):
     grouped = set().union(*info.shortcut_groups) if info.shortcut_groups else set()
     units = [sorted(g) for g in info.shortcut_groups if g <= set(prunable)]
     return sorted(units + [[i] for i in prunable if i not in grouped], key=lambda u: u[0])
+
+
+def prunable_units(model, mode, info=None):
+    """(graph info, units sharing a mask, {conv: |gamma|}) of the convs `mode` prunes."""
+    channels_in = model.hyperparams.get('channels', 3)
+    info = info or analyze_graph(model.module_defs, channels_in)
+    prunable = prunable_convs(model.module_defs, mode, channels_in, info)
+    gammas = {i: model.module_list[i].BatchNorm2d.weight.detach().abs().float().cpu()
+              for i in prunable}
+    return info, _units(info, prunable, mode), gammas
+
+
+def _safe_count(ordered, units, gammas):
+    """How many of the `ordered` gammas can go before a unit loses its last channel: a
+    unit is emptied once the cut reaches the smallest of the units' largest gammas."""
+    limit = min(max(float(gammas[i].max()) for i in unit) for unit in units)
+    return int((ordered < limit).sum())
 
 
 def _rounded_count(kept, channels, round_to):
@@ -205,22 +226,15 @@ def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None):
                              'of the prunable channels')
     if layer_keep is not None and not 0 < layer_keep <= 1:
         raise UserInputError(f'--layer-keep {layer_keep}: must be in (0, 1]')
-    channels_in = model.hyperparams.get('channels', 3)
-    info = info or analyze_graph(model.module_defs, channels_in)
-    prunable = prunable_convs(model.module_defs, mode, channels_in, info)
-    if not prunable:
+    info, units, gammas = prunable_units(model, mode, info)
+    if not units:
         raise UserInputError(f'{model._name()}: no conv can be pruned in {mode} mode '
                              '(every BN conv is tied to an upsample, a sliced route or a '
                              'grouped conv); try another mode')
-    gammas = {i: model.module_list[i].BatchNorm2d.weight.detach().abs().float().cpu()
-              for i in prunable}
-    units = _units(info, prunable, mode)
-    ordered = torch.cat([gammas[i] for i in prunable]).sort().values
+    ordered = torch.cat(list(gammas.values())).sort().values
     count = int(len(ordered) * percent)
     threshold = float(ordered[count - 1]) if count else float('-inf')
-    # a unit is emptied once the cut reaches the smallest of the units' largest gammas
-    limit = min(max(float(gammas[i].max()) for i in unit) for unit in units)
-    below = int((ordered < limit).sum())
+    below = _safe_count(ordered, units, gammas)
     safe = below / len(ordered)
     if mode != 'regular' and layer_keep is None and count > below:
         raise UserInputError(f'--percent {percent:g} would empty a layer: the largest safe '

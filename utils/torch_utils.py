@@ -37,6 +37,16 @@ def time_sync(device):
     return time.perf_counter()
 
 
+def median_seconds(function, repeat=3):
+    """Median wall time of `repeat` calls of `function()`."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
