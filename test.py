@@ -82,12 +82,12 @@ def evaluate(model, dataloader, num_classes, conf_thres=0.001, iou_thres=0.5,
         after_nms = time_sync(device)
         height, width = imgs.shape[2:]
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        # (n, 6) image index, class, x1, y1, x2, y2 in letterboxed pixels
+        truth = torch.cat([targets[:, :2], xywh2xyxy(targets[:, 2:]) * scale], 1)
         for i, found in enumerate(detections):
             found = found.cpu()
-            labels = targets[targets[:, 0] == i, 1:]          # (m, 5) class, cx, cy, w, h
-            boxes = xywh2xyxy(labels[:, 1:]) * scale          # letterboxed pixels
-            matched.append((match_detections(found, torch.cat([labels[:, :1], boxes], 1)),
-                            found[:, 4], found[:, 5]))
+            labels = truth[truth[:, 0] == i, 1:]
+            matched.append((match_detections(found, labels), found[:, 4], found[:, 5]))
             target_classes.append(labels[:, 0])
             images_with_class[np.unique(labels[:, 0].numpy().astype(int))] += 1
             if collect_json:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models import Darknet, load_weights
+from models import Darknet, load_weights, torch_load
 from test import default_img_size, evaluate
 from utils import demo
 from utils.datasets import create_dataloader
@@ -87,11 +87,7 @@ def load_resume_checkpoint(path):
     if not os.path.isfile(path):
         raise UserInputError(f'{path}: nothing to resume (no last.pt); start without --resume '
                              'or pass the --output-dir of the stopped run')
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise UserInputError(f'{path}: unreadable checkpoint ({e.__class__.__name__}); '
-                             'start the run again without --resume') from None
+    checkpoint = torch_load(path, 'start the run again without --resume')
     if not isinstance(checkpoint, dict) or not {'epoch', 'model', 'optimizer', 'cfg'} <= set(checkpoint):
         raise UserInputError(f'{path}: not a train.py checkpoint; cannot resume from it')
     return checkpoint

@@ -93,3 +93,16 @@ def test_train_mode_returns_raw_heads_that_decode_to_eval_output(features_cfg):
     assert [tuple(r.shape) for r in raw] == [(2, 3, 4, 4, 7), (2, 3, 8, 8, 7)]
     # objectness of head 0, anchor 1, row 2, col 3 sits at flat index (1*4 + 2)*4 + 3
     assert torch.allclose(torch.sigmoid(raw[0][:, 1, 2, 3, 4]), decoded[:, (1 * 4 + 2) * 4 + 3, 4])
+
+
+@pytest.mark.parametrize('size, stride', [(2, 1), (3, 1), (5, 1), (13, 1), (2, 2), (3, 2)])
+def test_maxpool_matches_a_padded_max_pool2d(size, stride):
+    """Darknet pooling: padding size - 1, split low/high, filled with -inf."""
+    from models import MaxPool
+    x = torch.randn(2, 3, 12, 10)
+    low = (size - 1) // 2
+    out_h, out_w = ((n + size - 1 - size) // stride + 1 for n in (12, 10))
+    high_h, high_w = ((o - 1) * stride + size - n - low for o, n in ((out_h, 12), (out_w, 10)))
+    padded = torch.nn.functional.pad(x, (low, high_w, low, high_h), value=float('-inf'))
+    expected = torch.nn.functional.max_pool2d(padded, size, stride)
+    assert torch.equal(MaxPool(size, stride, size - 1)(x), expected)

@@ -124,7 +124,7 @@ def image_size(path):
                 raise ValueError('truncated PNG header')
             w, h = struct.unpack('>II', head[16:24])
         else:
-            img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            img = _imread(path)
             if img is None:
                 raise ValueError('not an image OpenCV can decode')
             h, w = img.shape[:2]
@@ -133,9 +133,21 @@ def image_size(path):
     return int(h), int(w)
 
 
+def _imread(path):
+    """cv2.imread as stored (BGR), None when it cannot decode the file. OpenCV's own
+    warning about a damaged file is silenced: the caller reports it in one line."""
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    try:
+        return cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    finally:
+        logging.setLogLevel(level)
+
+
 def load_image(path):
     """Decode an image as BGR uint8 (H, W, 3); a user error when it cannot be decoded."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    img = _imread(path)
     if img is None:
         raise UserInputError(f'{path}: cannot decode image (corrupt or unsupported); '
                              f'replace the file or remove it from the list file')

@@ -12,6 +12,15 @@ import sys
 class UserInputError(Exception):
     """A problem with the user's input; the message is shown to the user as is."""
 
+    def __init__(self, message=''):
+        # A DataLoader worker's error reaches the main process re-raised as
+        # UserInputError('Caught UserInputError in DataLoader worker process 0.\nOriginal
+        # Traceback ...\nutils.errors.UserInputError: <message>'): keep the user's line.
+        marker = f'{__name__}.UserInputError: '
+        if isinstance(message, str) and message.startswith('Caught ') and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserInputError: one line, exit 2, like every other

@@ -22,22 +22,18 @@ IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10, dtype=torch.float64)  # COCO's 0.
 
 def xywh2xyxy(x):
     """(..., 4) centre x, centre y, w, h -> x1, y1, x2, y2 (torch or numpy)."""
-    y = x.clone() if isinstance(x, torch.Tensor) else np.copy(x)
-    y[..., 0] = x[..., 0] - x[..., 2] / 2
-    y[..., 1] = x[..., 1] - x[..., 3] / 2
-    y[..., 2] = x[..., 0] + x[..., 2] / 2
-    y[..., 3] = x[..., 1] + x[..., 3] / 2
-    return y
+    xy, half = x[..., :2], x[..., 2:4] / 2
+    if isinstance(x, torch.Tensor):
+        return torch.cat((xy - half, xy + half), -1)
+    return np.concatenate((xy - half, xy + half), -1)
 
 
 def xyxy2xywh(x):
     """(..., 4) x1, y1, x2, y2 -> centre x, centre y, w, h (torch or numpy)."""
-    y = x.clone() if isinstance(x, torch.Tensor) else np.copy(x)
-    y[..., 0] = (x[..., 0] + x[..., 2]) / 2
-    y[..., 1] = (x[..., 1] + x[..., 3]) / 2
-    y[..., 2] = x[..., 2] - x[..., 0]
-    y[..., 3] = x[..., 3] - x[..., 1]
-    return y
+    low, high = x[..., :2], x[..., 2:4]
+    if isinstance(x, torch.Tensor):
+        return torch.cat(((low + high) / 2, high - low), -1)
+    return np.concatenate(((low + high) / 2, high - low), -1)
 
 
 def box_iou(box1, box2):
