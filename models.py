@@ -182,6 +182,9 @@ class Darknet(nn.Module):
         """Modules, output channels and input/output size ratio of every layer."""
         modules, channels, scales = nn.ModuleList(), [], []
         in_channels, scale = self.hyperparams.get('channels', 3), Fraction(1)
+        if in_channels < 1:
+            raise UserInputError(f'{self._name()}: [net] channels={in_channels}: an input needs '
+                                 'at least one channel (3 for colour images)')
         for i, layer in enumerate(self.module_defs):
             kind = layer['type']
             if kind == 'convolutional':
@@ -190,10 +193,17 @@ class Darknet(nn.Module):
                 stride = layer.get('stride', 1)
                 size = layer.get('size', stride)
                 self._same_strides(i, layer, stride)
-                module = MaxPool(size, stride, layer.get('padding', size - 1))
+                padding = layer.get('padding', size - 1)
+                if size < 1 or stride < 1 or padding < 0:
+                    raise UserInputError(f'{self._where(i)}: size and stride must be positive '
+                                         'and padding not negative')
+                module = MaxPool(size, stride, padding)
                 out, scale = in_channels, scale * stride
             elif kind == 'upsample':
                 stride = layer.get('stride', 2)
+                if stride < 1:
+                    raise UserInputError(f'{self._where(i)}: stride={stride}: only upsampling '
+                                         'by a positive whole factor is supported')
                 module = nn.Upsample(scale_factor=stride, mode='nearest')
                 out, scale = in_channels, scale / stride
             elif kind == 'route':
@@ -256,6 +266,15 @@ class Darknet(nn.Module):
         pairs = [(anchors[2 * m], anchors[2 * m + 1]) for m in layer['mask']]
         return YOLOLayer(pairs, layer['classes'], layer.get('scale_x_y', 1.0))
 
+    def _same_sizes(self, i, tensors, sources):
+        """Concatenated or added outputs need one spatial size; a conv or pool whose
+        padding shrinks its output (no pad=1) breaks that only at run time."""
+        sizes = [tuple(t.shape[2:]) for t in tensors]
+        if len(set(sizes)) > 1:
+            found = ', '.join(f'layer {s}: {w}x{h}' for s, (h, w) in zip(sources, sizes))
+            raise UserInputError(f'{self._where(i)}: its inputs differ in size ({found}); '
+                                 'check pad=/padding= of the layers before it')
+
     @property
     def num_classes(self):
         return self.yolo_layers[0].num_classes
@@ -268,8 +287,10 @@ class Darknet(nn.Module):
         outputs, heads = {}, []
         for i, module in enumerate(self.module_list):
             if isinstance(module, Route):
+                self._same_sizes(i, [outputs[s] for s in module.sources], module.sources)
                 x = module(outputs)
             elif isinstance(module, Shortcut):
+                self._same_sizes(i, [x, outputs[module.source]], [i - 1, module.source])
                 x = module(x, outputs)
             elif isinstance(module, YOLOLayer):
                 heads.append(module(x, (height, width)))

@@ -160,6 +160,11 @@ def main(argv=None):
         raise UserInputError('--data is required with --cfg: pass the .data file to evaluate on')
     if args.weights is None:
         raise UserInputError('--weights is required with --cfg: pass the trained .weights/.pt')
+    inputs = {os.path.abspath(p) for p in (args.cfg, args.weights, args.data)}
+    for flag, path in (('--save-json', args.save_json), ('--metrics-json', args.metrics_json)):
+        if path and os.path.abspath(path) in inputs:
+            raise UserInputError(f'{flag} {path}: would overwrite an input file; choose '
+                                 'another name')
     device = select_device(args.device)
     options = parse_data_cfg(args.data)
     model = load_model(args.cfg, args.weights, device)

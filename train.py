@@ -11,6 +11,7 @@ torchrun refuses the short --s); rank 0 evaluates and saves. Each epoch writes l
 the run ends with a histogram of the prunable gammas. --resume continues a stopped run.
 """
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -105,6 +106,20 @@ def append_results(path, row):
     atomic_write_text(path, old + buffer.getvalue())
 
 
+def trim_results(path, epochs):
+    """Keep the header and the rows of epochs 1..`epochs` of results.csv: a run stopped
+    after writing an epoch's row but before saving last.pt repeats that epoch on --resume."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8', newline='') as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= epochs]
+    if kept != rows:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows(kept)
+        atomic_write_text(path, buffer.getvalue())
+
+
 def plot_gamma_histogram(bn_modules, path, title):
     """Histogram of |gamma| over the prunable BN layers: what people read sparsity from."""
     import matplotlib
@@ -132,6 +147,23 @@ class Stop(Exception):
 
 def _raise_stop(signum, frame):
     raise Stop()
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGTERM and Ctrl-C while the epoch's files are written, then act on them: an
+    exception raised inside torch.save breaks its zip writer, which then raises its own
+    RuntimeError in place of the Stop or KeyboardInterrupt."""
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if held:
+        raise KeyboardInterrupt() if held[0] == signal.SIGINT else Stop()
 
 
 def build_model(args, device, checkpoint):
@@ -199,12 +231,15 @@ def train(args):
 
     optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, args.optimizer)
     start_epoch, best_fitness = 0, -1.0
+    results = os.path.join(args.output_dir, 'results.csv')
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
         start_epoch, best_fitness = checkpoint['epoch'] + 1, checkpoint['best_fitness']
         if start_epoch >= args.epochs:
             raise UserInputError(f'{last}: the run already finished {start_epoch} epochs; '
                                  'raise --epochs to train longer')
+        if main_process:
+            trim_results(results, start_epoch)
     net = DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = math.ceil(len(loader) / args.accumulate)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
@@ -215,8 +250,9 @@ def train(args):
               f'epochs {start_epoch + 1}..{args.epochs}' +
               (f'; sparsity s={args.s} on {len(bn_modules)} BN layers ({mode} set)'
                if args.sr else ''))
-    previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
-    epoch, metrics = start_epoch, {}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _raise_stop)
+    epoch, metrics, completed = start_epoch, {}, start_epoch - 1
     try:
         for epoch in range(start_epoch, args.epochs):
             metrics = run_epoch(net, model, loader, optimizer, epoch, args, img_size,
@@ -225,21 +261,28 @@ def train(args):
             if main_process:
                 metrics.update(epoch_end(model, valid_loader, options, mode))
                 fitness = metrics['map50']
-                save_checkpoint(last, model, optimizer, epoch, max(best_fitness, fitness), args)
-                if fitness > best_fitness:
-                    best_fitness = fitness
-                    save_checkpoint(best, model, optimizer, epoch, best_fitness, args)
-                append_results(os.path.join(args.output_dir, 'results.csv'),
-                               {'epoch': epoch + 1, **metrics})
+                # last.pt is written last: it commits the epoch. A run killed before it
+                # repeats the epoch on --resume, which drops the epoch's results row.
+                with signals_held():
+                    append_results(results, {'epoch': epoch + 1, **metrics})
+                    if fitness > best_fitness:
+                        best_fitness = fitness
+                        save_checkpoint(best, model, optimizer, epoch, best_fitness, args)
+                    save_checkpoint(last, model, optimizer, epoch, best_fitness, args)
+                    completed = epoch
                 print_epoch(epoch, args.epochs, metrics)
             barrier()
     except (KeyboardInterrupt, Stop):
-        if main_process:  # the epoch in progress is repeated on --resume
-            save_checkpoint(last, model, optimizer, epoch - 1, best_fitness, args)
-            print(f'stopped during epoch {epoch + 1}; saved {last}; continue with --resume')
+        for s in previous:  # a second signal must not cut this save short
+            signal.signal(s, signal.SIG_IGN)
+        if main_process:  # an epoch in progress is repeated on --resume
+            save_checkpoint(last, model, optimizer, completed, best_fitness, args)
+            print(f'stopped with {completed + 1} epoch(s) done; saved {last}; continue with '
+                  '--resume')
         raise SystemExit(130)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         distributed_cleanup()
     if main_process:
         plot = os.path.join(args.output_dir, 'bn_gammas.png')

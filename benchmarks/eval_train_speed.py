@@ -14,7 +14,6 @@ import os
 import sys
 import time
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import Darknet, load_weights  # noqa: E402

@@ -157,7 +157,7 @@ def _read_blocks(path):
             blocks[-1][2].append((key, value, number))
         else:
             raise UserInputError(f'{path} line {number}: {line!r} is not a "[section]" '
-                                 'or "key=value" line')
+                                 'or "key=value" line; fix it or comment it out with #')
     return blocks
 
 

@@ -139,8 +139,9 @@ def main(mode, argv=None):
     model = load_weights(Darknet(args.cfg), args.weights).to(device).eval()
     img_size = args.img_size or model.hyperparams.get('width') or 416
     if img_size % model.stride:
+        low = max(model.stride, img_size // model.stride * model.stride)
         raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
-                             f'{model.stride}')
+                             f'{model.stride}; use {low} or {low + model.stride}')
     plan = plan_masks(model, mode, args.percent, args.layer_keep, getattr(args, 'round_to', None))
     keep_size, compact = prune(model, plan)
     # the two models must agree on any input; a small one keeps the check quick

@@ -117,13 +117,14 @@ def _merge_overlapping(sets):
 MODES = ('normal', 'regular', 'shortcut', 'tiny')
 
 
-def prunable_convs(layers, mode, in_channels=3, info=None):
-    """Layer indices of the BN convs whose channels `mode` may prune (DOMAIN.md)."""
+def prunable_convs(layers, mode, in_channels=3, info=None, name='the cfg'):
+    """Layer indices of the BN convs whose channels `mode` may prune (DOMAIN.md);
+    `name` (the cfg's path) names the model in a refusal."""
     if mode not in MODES:
         raise ValueError(f'unknown mode {mode!r}')
     info = info or analyze_graph(layers, in_channels)
     if mode == 'tiny' and info.has_shortcut:
-        raise UserInputError('the cfg has [shortcut] layers; tiny mode is for '
+        raise UserInputError(f'{name} has [shortcut] layers; tiny mode is for '
                              'yolov3-tiny-like models: use prune_shortcut.py or '
                              'prune_normal.py')
     kept_whole = info.upsample_feeders | info.sliced_convs | info.unfoldable
@@ -142,7 +143,7 @@ def prunable_bn_modules(model, mode):
     """The BatchNorm2d modules of `model` whose gammas `mode` prunes, in layer order."""
     channels = model.hyperparams.get('channels', 3)
     return [model.module_list[i].BatchNorm2d
-            for i in prunable_convs(model.module_defs, mode, channels)]
+            for i in prunable_convs(model.module_defs, mode, channels, name=model._name())]
 
 
 def add_sparsity_gradient(bn_modules, s):
@@ -189,7 +190,7 @@ def prunable_units(model, mode, info=None):
     """(graph info, units sharing a mask, {conv: |gamma|}) of the convs `mode` prunes."""
     channels_in = model.hyperparams.get('channels', 3)
     info = info or analyze_graph(model.module_defs, channels_in)
-    prunable = prunable_convs(model.module_defs, mode, channels_in, info)
+    prunable = prunable_convs(model.module_defs, mode, channels_in, info, model._name())
     gammas = {i: model.module_list[i].BatchNorm2d.weight.detach().abs().float().cpu()
               for i in prunable}
     return info, _units(info, prunable, mode), gammas
