@@ -209,8 +209,10 @@ def train(args):
     checkpoint = load_resume_checkpoint(last) if args.resume else None
 
     torch.manual_seed(args.seed)
+    model = build_model(args, device, checkpoint)  # a bad cfg is refused before any data work
+    if args.data is None:
+        args.data = demo.ensure_demo_data()
     options = parse_data_cfg(args.data)
-    model = build_model(args, device, checkpoint)
     if model.num_classes != options['classes']:
         raise UserInputError(f'{args.data}: classes={options["classes"]} but the cfg detects '
                              f'{model.num_classes}; make a cfg with derive_cfg.py --classes')
@@ -387,8 +389,6 @@ def check_args(args):
     if args.cfg is None:
         args.cfg = demo.YOLOV3['cfg']
         args.img_size = args.img_size or demo.IMG_SIZE
-    if args.data is None:
-        args.data = demo.ensure_demo_data()
     if args.weights and os.path.abspath(args.weights) in {
             os.path.abspath(os.path.join(args.output_dir, n)) for n in ('last.pt', 'best.pt')}:
         raise UserInputError(f'--weights {args.weights} would be overwritten by this run; '
