@@ -63,3 +63,12 @@ def opencv_detections(cfg_path, weights_path, image, model):
 @pytest.fixture
 def features_cfg():
     return os.path.join(TEST_CFGS, 'features.cfg')
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Tiny models: one thread is as fast, and does not spin against other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -62,13 +62,7 @@ def _small_set(folder, name, label_text, image_bytes, classes=4):
     return data
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and does not spin against other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

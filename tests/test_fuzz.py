@@ -118,13 +118,7 @@ def mutated_cfg(draw):
     return cfg, '\n'.join(lines) + '\n'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and does not spin against other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
