@@ -121,12 +121,12 @@ class YOLOLayer(nn.Module):
         self.scale_x_y = scale_x_y
         self.stride = None  # (x, y) in input pixels per cell, set by each forward
 
-    def forward(self, p, img_size):
+    def forward(self, p, img_size, raw=False):
         batch, _, ny, nx = p.shape
         self.stride = (img_size[1] / nx, img_size[0] / ny)
         # (B, A*(5+C), H, W) -> (B, A, H, W, 5+C)
         p = p.view(batch, self.num_anchors, self.num_outputs, ny, nx).permute(0, 1, 3, 4, 2)
-        if self.training:
+        if self.training or raw:
             return p.contiguous()
         gy, gx = torch.meshgrid(torch.arange(ny, device=p.device),
                                 torch.arange(nx, device=p.device), indexing='ij')
@@ -143,7 +143,8 @@ class Darknet(nn.Module):
     """A Darknet detector built from a cfg path, a (hyperparams, layers) pair or layers.
 
     Eval mode: `model(x)` -> (B, N, 5+C) decoded predictions, heads in cfg order, each in
-    (anchor, row, col) order. Train mode: the list of raw heads, (B, A, H, W, 5+C) each.
+    (anchor, row, col) order. Train mode, or `model(x, raw=True)`: the list of raw heads,
+    (B, A, H, W, 5+C) each.
     """
 
     def __init__(self, cfg):
@@ -279,7 +280,9 @@ class Darknet(nn.Module):
     def num_classes(self):
         return self.yolo_layers[0].num_classes
 
-    def forward(self, x):
+    def forward(self, x, raw=False):
+        """`raw=True` returns the raw heads in eval mode too (BN on running statistics):
+        what a distillation teacher gives."""
         height, width = x.shape[-2:]
         if height % self.stride or width % self.stride:
             raise UserInputError(f'input size {width}x{height}: both sides must be multiples '
@@ -293,12 +296,12 @@ class Darknet(nn.Module):
                 self._same_sizes(i, [x, outputs[module.source]], [i - 1, module.source])
                 x = module(x, outputs)
             elif isinstance(module, YOLOLayer):
-                heads.append(module(x, (height, width)))
+                heads.append(module(x, (height, width), raw))
             else:
                 x = module(x)
             if i in self.saved:
                 outputs[i] = x
-        return heads if self.training else torch.cat(heads, 1)
+        return heads if self.training or raw else torch.cat(heads, 1)
 
 
 # ---------------------------------------------------------------- weights I/O
