@@ -12,7 +12,7 @@ from models import Darknet, darknet_float_count, load_weights, save_weights
 from utils import demo
 from utils.errors import ArgumentParser, UserInputError
 from utils.parse_config import parse_data_cfg, require_data_key, write_cfg
-from utils.prune_utils import output_difference, plan_masks, prune
+from utils.prune_utils import find_percent, output_difference, plan_masks, prune
 from utils.torch_utils import count_macs, count_parameters, measure_latency, select_device
 
 MAX_DIFFERENCE = 1e-3  # compact vs keep-size, as a share of the output scale
@@ -25,8 +25,15 @@ def get_args_parser(mode):
     parser.add_argument('--cfg', help='model definition (.cfg)')
     parser.add_argument('--weights', help='model weights (.weights or .pt)')
     parser.add_argument('--data', help='data set description (.data) to measure mAP on')
-    parser.add_argument('--percent', type=float, default=0.5,
-                        help='share of the prunable channels to cut, by global |gamma|')
+    parser.add_argument('--percent', type=float,
+                        help='share of the prunable channels to cut, by global |gamma| '
+                             '(default 0.5)')
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument('--target-params', type=float, metavar='F',
+                        help='find the smallest percent that removes the share F of the '
+                             'parameters (0.85: 85%%), instead of --percent')
+    target.add_argument('--target-gmacs', type=float, metavar='F',
+                        help='the same for the multiply-accumulates (GMACs) at --img-size')
     parser.add_argument('--img-size', type=int, help="input side (default: the cfg's width)")
     parser.add_argument('--batch-size', type=int, default=16, help='evaluation batch size')
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
@@ -127,13 +134,30 @@ def write_outputs(compact, cfg_path, weights_path, folder):
         raise
 
 
+def choose_plan(model, mode, args, img_size):
+    """The plan for --percent, or for the percent that --target-params/--target-gmacs
+    finds (then written into args.percent, which names the outputs)."""
+    round_to = getattr(args, 'round_to', None)
+    target, measure = ((args.target_params, 'params') if args.target_params is not None
+                       else (args.target_gmacs, 'gmacs'))
+    if target is None:
+        args.percent = 0.5 if args.percent is None else args.percent
+        return plan_masks(model, mode, args.percent, args.layer_keep, round_to)
+    if args.percent is not None:
+        raise UserInputError(f'--percent and --target-{measure}: pass one of them')
+    args.percent, plan, share = find_percent(model, mode, target, measure, img_size,
+                                             args.layer_keep, round_to)
+    print(f'--target-{measure} {target:g}: --percent {args.percent:.4f} removes {share:.2%} '
+          f'of the {measure}')
+    return plan
+
+
 def main(mode, argv=None):
     args = get_args_parser(mode).parse_args(argv)
     _fill_demo_defaults(args, mode)
     if args.weights is None:
         raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
                              '.weights or .pt')
-    cfg_path, weights_path = output_paths(args, mode)
     device = select_device(args.device)
     start = time.perf_counter()
     model = load_weights(Darknet(args.cfg), args.weights).to(device).eval()
@@ -142,7 +166,8 @@ def main(mode, argv=None):
         low = max(model.stride, img_size // model.stride * model.stride)
         raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
                              f'{model.stride}; use {low} or {low + model.stride}')
-    plan = plan_masks(model, mode, args.percent, args.layer_keep, getattr(args, 'round_to', None))
+    plan = choose_plan(model, mode, args, img_size)
+    cfg_path, weights_path = output_paths(args, mode)
     keep_size, compact = prune(model, plan)
     # the two models must agree on any input; a small one keeps the check quick
     difference = output_difference(keep_size, compact, min(img_size, 4 * model.stride))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from models import LEAKY_SLOPE, Darknet
 from utils.errors import UserInputError
 from utils.parse_config import resolve_refs
+from utils.torch_utils import count_macs, count_parameters
 
 INPUT = -1  # origin "layer" of the image channels
 
@@ -263,6 +264,57 @@ def layer_module_width(model, i):
     return model.module_list[i].Conv2d.out_channels
 
 
+# ---------------------------------------------------------------- percent finder
+
+def compact_cost(model, masks, img_size):
+    """(parameters, MACs) of the compact model `masks` give, from its shapes alone: the
+    model is built on the meta device, so no memory is allocated and nothing is copied."""
+    with torch.device('meta'):
+        shell = Darknet((copy.deepcopy(model.hyperparams), pruned_layers(model.module_defs, masks)))
+    return count_parameters(shell), count_macs(shell, img_size)
+
+
+def find_percent(model, mode, target, measure, img_size, layer_keep=None, round_to=None,
+                 resolution=1e-4):
+    """The smallest percent (a multiple of `resolution`) whose compact model removes at
+    least the share `target` of the original's parameters (`measure` 'params') or MACs
+    ('gmacs'). Cutting more channels never adds cost (the masks are nested as the
+    threshold rises), so a bisection over the percent finds it. Returns (percent, plan,
+    share removed); refuses a target beyond the largest percent the mode allows."""
+    if not 0 < target < 1:
+        raise UserInputError(f'--target-{measure} {target}: must be in (0, 1), the share of '
+                             f'the {measure} to remove (0.6 removes 60%)')
+    info = analyze_graph(model.module_defs, model.hyperparams.get('channels', 3))
+    index = 0 if measure == 'params' else 1
+    full = (count_parameters(model), count_macs(model, img_size))[index]
+
+    def attempt(step):
+        plan = plan_masks(model, mode, step * resolution, layer_keep, round_to, info)
+        return plan, 1 - compact_cost(model, plan.masks, img_size)[index] / full
+
+    steps = round(1 / resolution)
+    low, high = 0, steps - 1  # a plan exists at `low`; search (low, high]
+    plan = plan_masks(model, mode, 0.0, layer_keep, round_to, info)
+    if mode != 'regular' and layer_keep is None:
+        high = min(high, int(plan.safe_percent / resolution))
+    best_plan, best_share = attempt(high)
+    if best_share < target:
+        raise UserInputError(
+            f'--target-{measure} {target:g}: {mode} mode removes at most {best_share:.1%} '
+            f'of the {measure} of this model (at --percent {high * resolution:.4f}'
+            + ('' if layer_keep is not None or mode == 'regular'
+               else ', its largest safe percent; --layer-keep F allows more')
+            + '); ask for less')
+    while high - low > 1:
+        middle = (low + high) // 2
+        plan, share = attempt(middle)
+        if share >= target:
+            high, best_plan, best_share = middle, plan, share
+        else:
+            low = middle
+    return high * resolution, best_plan, best_share
+
+
 # ---------------------------------------------------------------- folding
 
 def _activation(name):
@@ -337,11 +389,17 @@ def keep_size_model(model, masks):
     return pruned, constants
 
 
-def compact_model(keep_size, masks, constants):
-    """The pruned model with the kept widths, weights copied from the keep-size model."""
-    layers = copy.deepcopy(keep_size.module_defs)
+def pruned_layers(module_defs, masks):
+    """A copy of the cfg layers with each masked conv's `filters` set to its kept count."""
+    layers = copy.deepcopy(module_defs)
     for i, mask in masks.items():
         layers[i]['filters'] = int(mask.sum())
+    return layers
+
+
+def compact_model(keep_size, masks, constants):
+    """The pruned model with the kept widths, weights copied from the keep-size model."""
+    layers = pruned_layers(keep_size.module_defs, masks)
     compact = Darknet((copy.deepcopy(keep_size.hyperparams), layers)).to(
         next(keep_size.parameters()).device)
     channels_in = keep_size.hyperparams.get('channels', 3)
