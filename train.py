@@ -7,8 +7,15 @@ Sparsity training (-sr) adds an L1 penalty on the BatchNorm gammas of the convs 
 mode will cut (--prune 0: normal/regular, 1: shortcut, 2: tiny): s * sign(gamma) joins
 their gradients once per optimizer step. Several processes:
 `torchrun --nproc_per_node=2 train.py ... --sparsity 0.001` (gloo on CPU, nccl on CUDA;
-torchrun refuses the short --s); rank 0 evaluates and saves. Each epoch writes last.pt (and best.pt, by mAP@0.5) and a row of results.csv;
-the run ends with a histogram of the prunable gammas. --resume continues a stopped run.
+torchrun refuses the short --s); rank 0 evaluates and saves. Each epoch writes last.pt
+(and best.pt, by mAP@0.5) and a row of results.csv; the run ends with a histogram of the
+prunable gammas. --resume continues a stopped run.
+
+Fine-tuning a pruned model is training from its files, optionally taught by the model
+it was pruned from (knowledge distillation, `utils/distill.py`):
+
+    python train.py --cfg runs/prune/m-shortcut-0.8.cfg --weights runs/prune/m-shortcut-0.8.weights \
+        --epochs 10 --teacher-cfg cfg/yolov3-shapes.cfg --teacher-weights sparse.pt
 """
 import argparse
 import contextlib
@@ -29,6 +36,7 @@ from models import Darknet, load_weights, torch_load
 from test import default_img_size, evaluate
 from utils import demo
 from utils.datasets import create_dataloader
+from utils.distill import distillation_loss, load_teacher
 from utils.errors import ArgumentParser, UserInputError, run_cli
 from utils.fileio import atomic_output, atomic_write_text
 from utils.loss import compute_loss
@@ -38,7 +46,7 @@ from utils.prune_utils import (SPARSITY_MODES, add_sparsity_gradient, prunable_b
 from utils.torch_utils import (barrier, count_parameters, distributed_cleanup,
                                distributed_setup, select_device, unwrap)
 
-RESULT_COLUMNS = ('epoch', 'box', 'obj', 'cls', 'loss', 'precision', 'recall', 'map50',
+RESULT_COLUMNS = ('epoch', 'box', 'obj', 'cls', 'distill', 'loss', 'precision', 'recall', 'map50',
                   'map50_95', 'f1', 'lr', 'gammas_below_0.01', 'max_safe_percent', 'seconds')
 
 
@@ -219,6 +227,8 @@ def train(args):
     img_size = default_img_size(model, args.img_size)
     mode = SPARSITY_MODES[args.prune]
     bn_modules = prunable_bn_modules(model, mode)
+    teacher = (load_teacher(args.teacher_cfg, args.teacher_weights, model, device)
+               if args.teacher_cfg else None)
 
     train_list = require_data_key(options, 'train', args.data)
     loader, dataset = create_dataloader(train_list, img_size, args.batch_size,
@@ -251,7 +261,9 @@ def train(args):
               f'parameters, {len(dataset)} training images at {img_size}, {world} process(es), '
               f'epochs {start_epoch + 1}..{args.epochs}' +
               (f'; sparsity s={args.s} on {len(bn_modules)} BN layers ({mode} set)'
-               if args.sr else ''))
+               if args.sr else '') +
+              (f'; distilling from {args.teacher_cfg} (weight {args.distill_weight:g})'
+               if teacher is not None else ''))
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _raise_stop)
     epoch, metrics, completed = start_epoch, {}, start_epoch - 1
@@ -259,7 +271,7 @@ def train(args):
         for epoch in range(start_epoch, args.epochs):
             metrics = run_epoch(net, model, loader, optimizer, epoch, args, img_size,
                                 bn_modules, steps_per_epoch, warmup_steps, world, device,
-                                main_process)
+                                main_process, teacher)
             if main_process:
                 metrics.update(epoch_end(model, valid_loader, options, mode))
                 fitness = metrics['map50']
@@ -296,11 +308,11 @@ def train(args):
 
 
 def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
-              steps_per_epoch, warmup_steps, world, device, main_process):
+              steps_per_epoch, warmup_steps, world, device, main_process, teacher=None):
     """One pass over the training data; returns the mean losses and the last lr."""
     net.train()
     loader.sampler.set_epoch(epoch)
-    totals, batches, start = torch.zeros(4), 0, time.time()
+    totals, batches, start = torch.zeros(5), 0, time.time()  # box obj cls distill total
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False,
                disable=not main_process)
     optimizer.zero_grad()
@@ -316,7 +328,14 @@ def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
             low, high = max(1, img_size // 2 // stride), (img_size * 3 // 2) // stride
             size = int(torch.randint(low, high + 1, (1,), generator=generator)) * stride
             imgs = F.interpolate(imgs, size=(size, size), mode='bilinear', align_corners=False)
-        loss, items = compute_loss(net(imgs), targets, model)
+        heads = net(imgs)
+        loss, items = compute_loss(heads, targets, model)
+        distill = torch.zeros(1, device=device)
+        if teacher is not None:
+            with torch.no_grad():
+                taught = teacher(imgs, raw=True)
+            distill = args.distill_weight * distillation_loss(heads, taught).reshape(1)
+            loss = loss + distill * imgs.shape[0]
         # DDP averages gradients over processes; scale back to the sum over all images
         (loss * world).backward()
         if (i + 1) % args.accumulate == 0 or i + 1 == len(loader):
@@ -324,11 +343,13 @@ def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
                 add_sparsity_gradient(bn_modules, args.s)
             optimizer.step()
             optimizer.zero_grad()
-        totals += items.cpu()
+        items = items.detach().cpu()
+        distill = distill.detach().cpu()
+        totals += torch.cat((items[:3], distill, items[3:] + distill))
         batches += 1
-        bar.set_postfix(loss=f'{totals[3] / batches:.3f}', lr=f'{lr:.2g}')
-    box, obj, cls, total = (totals / max(batches, 1)).tolist()
-    return {'box': box, 'obj': obj, 'cls': cls, 'loss': total, 'lr': lr,
+        bar.set_postfix(loss=f'{totals[4] / batches:.3f}', lr=f'{lr:.2g}')
+    box, obj, cls, distill, total = (totals / max(batches, 1)).tolist()
+    return {'box': box, 'obj': obj, 'cls': cls, 'distill': distill, 'loss': total, 'lr': lr,
             'seconds': time.time() - start}
 
 
@@ -340,8 +361,9 @@ def epoch_end(model, valid_loader, options, mode):
 
 
 def print_epoch(epoch, epochs, m):
+    distill = f' distill {m["distill"]:.3f}' if m['distill'] else ''
     print(f'epoch {epoch + 1}/{epochs}  loss {m["loss"]:.3f} (box {m["box"]:.3f} obj '
-          f'{m["obj"]:.3f} cls {m["cls"]:.3f})  P {m["precision"]:.3f} R {m["recall"]:.3f} '
+          f'{m["obj"]:.3f} cls {m["cls"]:.3f}{distill})  P {m["precision"]:.3f} R {m["recall"]:.3f} '
           f'mAP@0.5 {m["map50"]:.3f}  gammas<0.01 {m["gammas_below_0.01"]:.1%}  '
           f'max safe prune {m["max_safe_percent"]:.1%}  {m["seconds"]:.0f} s', flush=True)
 
@@ -376,6 +398,11 @@ def get_args_parser():
                         help='sparsity rate, L1 on gammas (under torchrun write --sparsity)')
     parser.add_argument('--prune', type=int, choices=(0, 1, 2), default=0,
                         help='gammas penalised: 0 normal/regular set, 1 shortcut set, 2 tiny set')
+    parser.add_argument('--teacher-cfg', help='knowledge distillation from this model (the '
+                        'unpruned one) while fine-tuning a pruned --cfg/--weights')
+    parser.add_argument('--teacher-weights', help="the teacher's .weights or .pt")
+    parser.add_argument('--distill-weight', type=float, default=1.0,
+                        help='gain of the distillation loss (per image, like box/obj/cls)')
     parser.add_argument('--seed', type=int, default=0)
     return parser
 
@@ -386,6 +413,11 @@ def check_args(args):
             raise UserInputError(f'--{name.replace("_", "-")} {getattr(args, name)}: use 1 or more')
     if args.s < 0 or args.lr <= 0:
         raise UserInputError('--s must be >= 0 and --lr > 0')
+    if (args.teacher_cfg is None) != (args.teacher_weights is None):
+        raise UserInputError('--teacher-cfg and --teacher-weights go together: pass both '
+                             '(the unpruned model) or neither')
+    if args.distill_weight < 0:
+        raise UserInputError(f'--distill-weight {args.distill_weight}: must be >= 0')
     if args.cfg is None:
         args.cfg = demo.YOLOV3['cfg']
         args.img_size = args.img_size or demo.IMG_SIZE
