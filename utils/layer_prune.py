@@ -1,0 +1,395 @@
+"""Layer pruning: remove whole residual blocks (depth), then optionally prune channels.
+
+    python prune_layer.py --cfg CFG --weights SPARSE.pt --data DATA --layers 8 --percent 0.5
+
+A residual block is a [shortcut] with linear activation that adds a branch, a chain of
+convs, onto the block input (the layer its `from` names): out = input + branch(input).
+Without the branch the block is the identity, so its layers can be deleted and every
+reference to the shortcut pointed at the block input instead. No remaining conv changes
+shape, so their weights are copied as they are.
+
+1. `find_blocks`: every [shortcut], its branch, and why it cannot be removed, if so.
+2. `rank_blocks`: the removable blocks, weakest first, by `block_score`.
+3. `remove_blocks`: the layers without those blocks, every route/shortcut reference
+   re-indexed, and a new model with the remaining weights copied.
+4. `layer_prune`: 1-3 for the N weakest blocks, then, given a percent, shortcut-mode
+   channel pruning of the result (utils.prune_utils), each step checked on itself.
+`main(argv)` is the prune_layer.py command.
+"""
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from terminaltables import AsciiTable
+
+from models import Darknet, conv_layers, load_weights
+from utils.errors import ArgumentParser, UserInputError
+from utils.parse_config import resolve_refs
+from utils.prune_cli import (
+    MAX_DIFFERENCE,
+    _fill_demo_defaults,
+    layer_table,
+    measure,
+    summary_table,
+    write_outputs,
+)
+from utils.prune_utils import output_difference, plan_masks, prune
+from utils.torch_utils import select_device
+
+REF_KEYS = {'route': 'layers', 'shortcut': 'from'}  # the keys that hold layer indices
+
+
+# ---------------------------------------------------------------- blocks
+
+@dataclass
+class Block:
+    """One [shortcut] and the branch it adds onto its `from` layer."""
+    index: int          # ordinal among the model's [shortcut] layers
+    shortcut: int       # layer index of the [shortcut]
+    source: int         # the block input: the layer the branch is added onto
+    score: float        # see block_score; None when the branch has no BN conv
+    obstacle: str       # why removing the block would change the graph; None if it can go
+
+    @property
+    def branch(self):
+        return list(range(self.source + 1, self.shortcut))
+
+    @property
+    def layers(self):
+        """The layers the block's removal deletes: its branch and its shortcut."""
+        return list(range(self.source + 1, self.shortcut + 1))
+
+    @property
+    def removable(self):
+        return self.obstacle is None
+
+
+def block_score(model, convs):
+    """Mean |gamma| of the branch's weakest BN conv (lower = weaker).
+
+    The branch passes its input through each conv in turn, so a single conv whose gammas
+    sparsity training drove to ~0 leaves the whole branch a near-constant, however large
+    the other convs' gammas are: the branch is as strong as its weakest conv. Within a
+    conv, the mean rather than the max, since removal takes every channel at once.
+    The original toolkit scored the first conv alone; under its normal-mode sparsity
+    training only that conv is penalised (the last one is tied to the shortcut), so it
+    is the weakest one and this score agrees; under shortcut-mode sparsity every conv
+    is penalised and any of them may be the weakest.
+    """
+    means = [float(model.module_list[i].BatchNorm2d.weight.detach().abs().mean())
+             for i in convs if model.module_defs[i].get('batch_normalize', 0)]
+    return min(means) if means else None
+
+
+def _readers(layers):
+    """{layer: [layers that name it in route `layers` or shortcut `from`]}."""
+    readers = {}
+    for j, layer in enumerate(layers):
+        key = REF_KEYS.get(layer['type'])
+        for target in resolve_refs(j, layer[key]) if key else []:
+            readers.setdefault(target, []).append(j)
+    return readers
+
+
+def _obstacle(layers, shortcut, source, readers):
+    """Why deleting layers source+1 .. shortcut and pointing the shortcut's readers at
+    `source` would change more than the branch's contribution, or None."""
+    activation = layers[shortcut].get('activation', 'linear')
+    if activation != 'linear':
+        return f'its sum is {activation}, not linear'
+    if source == shortcut - 1:
+        return 'no branch: from= is the previous layer'
+    for k in range(source + 1, shortcut):
+        if layers[k]['type'] != 'convolutional':
+            return f'its branch holds a [{layers[k]["type"]}] (layer {k})'
+        if readers.get(k):
+            return f'layer {readers[k][0]} reads branch layer {k}'
+    if not any(layers[k].get('batch_normalize', 0) for k in range(source + 1, shortcut)):
+        return 'no BN conv in its branch to score'
+    return None
+
+
+def find_blocks(model):
+    """Every [shortcut] of `model` as a Block, in layer order."""
+    layers = model.module_defs
+    readers = _readers(layers)
+    blocks = []
+    for s, layer in enumerate(layers):
+        if layer['type'] != 'shortcut':
+            continue
+        source = resolve_refs(s, layer['from'])[0]
+        obstacle = _obstacle(layers, s, source, readers)
+        branch_is_convs = all(layers[k]['type'] == 'convolutional' for k in range(source + 1, s))
+        score = block_score(model, range(source + 1, s)) if branch_is_convs else None
+        blocks.append(Block(len(blocks), s, source, score, obstacle))
+    return blocks
+
+
+def rank_blocks(model, blocks=None):
+    """The removable blocks, weakest (lowest score) first; ties in layer order."""
+    blocks = find_blocks(model) if blocks is None else blocks
+    return sorted((b for b in blocks if b.removable), key=lambda b: (b.score, b.shortcut))
+
+
+def default_layers(removable):
+    """--layers when not given: a quarter of the removable blocks, at least one. Deep
+    enough to matter (5 of YOLOv3's 23 blocks), shallow enough to fine-tune back."""
+    return max(1, removable // 4)
+
+
+# ---------------------------------------------------------------- removal
+
+def renumber(layers, removed):
+    """The layers without the `removed` blocks, and {old index: new index}.
+
+    A removed shortcut maps to its block's input (that is what it computed without the
+    branch), transitively through chained removed blocks; a branch layer maps nowhere,
+    since nothing outside its block reads it. Each route/shortcut reference keeps its
+    form: a relative (negative) one stays relative, an absolute one absolute.
+    """
+    sources = {b.shortcut: b.source for b in removed}
+    gone = {i for b in removed for i in b.layers}
+    new_index, kept = {}, []
+    for i, layer in enumerate(layers):
+        if i in sources:
+            new_index[i] = new_index[sources[i]]
+        if i in gone:
+            continue
+        new_index[i] = len(kept)
+        layer = copy.deepcopy(layer)
+        key = REF_KEYS.get(layer['type'])
+        if key:
+            targets = [new_index[t] for t in resolve_refs(i, layer[key])]
+            layer[key] = [t - new_index[i] if ref < 0 else t
+                          for ref, t in zip(layer[key], targets)]
+        kept.append(layer)
+    return kept, new_index
+
+
+def remove_blocks(model, shortcuts):
+    """A new Darknet without the blocks whose [shortcut] layers are `shortcuts`, every
+    remaining conv's weights and BN statistics copied exactly."""
+    blocks = {b.shortcut: b for b in find_blocks(model)}
+    removed = []
+    for s in sorted(set(shortcuts)):
+        if s not in blocks or not blocks[s].removable:
+            why = blocks[s].obstacle if s in blocks else 'not a [shortcut]'
+            raise ValueError(f'layer {s}: cannot remove this block ({why})')
+        removed.append(blocks[s])
+    layers, new_index = renumber(model.module_defs, removed)
+    device = next(model.parameters()).device
+    pruned = Darknet((copy.deepcopy(model.hyperparams), layers)).to(device)
+    gone = {i for b in removed for i in b.layers}
+    with torch.no_grad():
+        for i, block in conv_layers(model):
+            if i in gone:
+                continue
+            target = pruned.module_list[new_index[i]].state_dict()
+            source = block.state_dict()
+            assert source.keys() == target.keys(), (i, source.keys(), target.keys())
+            for name, tensor in source.items():
+                assert tensor.shape == target[name].shape, (i, name)
+                target[name].copy_(tensor)
+    pruned.seen = model.seen
+    return pruned
+
+
+def silenced_difference(model, pruned, removed, img_size):
+    """`pruned` against `model` with each removed branch's output replaced by zeros:
+    both compute input + 0 for those blocks, so they must agree up to rounding. Checks
+    the re-indexing and the weight copy, not how much accuracy the removal costs."""
+    hooks = [model.module_list[b.shortcut - 1].register_forward_hook(
+        lambda module, inputs, output: torch.zeros_like(output)) for b in removed]
+    training = model.training
+    try:
+        return output_difference(model, pruned, img_size)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+
+
+# ---------------------------------------------------------------- depth, then width
+
+@dataclass
+class LayerPruneResult:
+    blocks: list                # every [shortcut] block of the input model, in layer order
+    ranking: list               # the removable blocks, weakest first
+    removed: list               # the removed blocks, in layer order
+    depth_model: Darknet        # the input model without the removed blocks
+    depth_difference: float     # depth_model vs the input with those branches zeroed
+    compact: Darknet            # the final model: depth_model, channel-pruned with a percent
+    plan: object = None         # the channel step's PrunePlan (None without a percent)
+    difference: float = None    # the channel step's compact vs keep-size model
+
+
+def check_removable(model, blocks, layers):
+    """Refuse a model without removable blocks, and a --layers it cannot satisfy."""
+    name = model._name()
+    if not blocks:
+        raise UserInputError(f'{name}: has no [shortcut] layer, so no residual block to '
+                             'remove; layer pruning is for YOLOv3-like models (prune '
+                             'yolov3-tiny-like ones with prune_tiny.py)')
+    removable = sum(b.removable for b in blocks)
+    first = next((b for b in blocks if not b.removable), None)
+    why = f'layer {first.shortcut}: {first.obstacle}' if first else ''
+    if not removable:
+        raise UserInputError(f'{name}: none of its {len(blocks)} [shortcut] blocks can be '
+                             f'removed ({why}); prune channels with prune_shortcut.py')
+    if layers < 1:
+        raise UserInputError(f'--layers {layers}: must be at least 1 (prune_shortcut.py '
+                             'prunes channels alone)')
+    if layers > removable:
+        others = (f' ({len(blocks) - removable} of its {len(blocks)} [shortcut] blocks cannot '
+                  f'be removed, e.g. {why})' if first else '')
+        raise UserInputError(f'--layers {layers}: {name} has {removable} removable residual '
+                             f'blocks{others}; pass --layers {removable} or fewer')
+
+
+def layer_prune(model, layers=None, percent=None, layer_keep=None, check_size=None):
+    """Remove the `layers` weakest residual blocks of `model` (default: default_layers),
+    then with `percent` prune that share of the remaining channels in shortcut mode.
+
+    Self-checks, on one random check_size image (default 4x the model stride): the
+    layer-pruned model against `model` with the removed branches zeroed, and the
+    channel-pruned compact model against its keep-size twin. `model` is left unchanged.
+    """
+    blocks = find_blocks(model)
+    removable = sum(b.removable for b in blocks)
+    layers = default_layers(removable) if layers is None and removable else layers
+    check_removable(model, blocks, layers)
+    if layer_keep is not None and percent is None:
+        raise UserInputError('--layer-keep applies to channel pruning: pass --percent too')
+    check_size = check_size or 4 * model.stride
+    ranking = rank_blocks(model, blocks)
+    removed = sorted(ranking[:layers], key=lambda b: b.shortcut)
+    depth = remove_blocks(model, [b.shortcut for b in removed]).eval()
+    result = LayerPruneResult(blocks, ranking, removed, depth,
+                              silenced_difference(model, depth, removed, check_size), depth)
+    if percent is not None:
+        result.plan = plan_masks(depth, 'shortcut', percent, layer_keep)
+        keep_size, result.compact = prune(depth, result.plan)
+        result.difference = output_difference(keep_size, result.compact, check_size)
+    return result
+
+
+# ---------------------------------------------------------------- the command
+
+def get_args_parser():
+    parser = ArgumentParser(
+        description='Remove the weakest residual blocks of a sparsity-trained Darknet model '
+                    '(and with --percent prune channels, shortcut mode, in the same run); '
+                    'write the compact cfg + weights. With no arguments: the sparse demo '
+                    'model.')
+    parser.add_argument('--cfg', help='model definition (.cfg)')
+    parser.add_argument('--weights', help='model weights (.weights or .pt)')
+    parser.add_argument('--data', help='data set description (.data) to measure mAP on')
+    parser.add_argument('--layers', type=int,
+                        help='number of residual blocks to remove, weakest first (default: '
+                             'a quarter of the removable blocks, at least one)')
+    parser.add_argument('--percent', type=float,
+                        help='then cut this share of the prunable channels, by global '
+                             '|gamma|, shortcut mode (default: no channel pruning)')
+    parser.add_argument('--img-size', type=int, help="input side (default: the cfg's width)")
+    parser.add_argument('--batch-size', type=int, default=16, help='evaluation batch size')
+    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument('--workers', type=int, default=2, help='data loading processes')
+    parser.add_argument('--output-dir', default='runs/prune', help='folder for the pruned files')
+    parser.add_argument('--layer-keep', type=float,
+                        help='with --percent: keep at least this share of every layer')
+    parser.add_argument('--verbose', action='store_true',
+                        help='print the per-block ranking (and per-layer table with --percent)')
+    return parser
+
+
+def output_paths(args, removed):
+    """<weights stem>-layer-<N>[-<percent>].cfg/.weights in --output-dir."""
+    stem = os.path.splitext(os.path.basename(args.weights or args.cfg))[0]
+    name = f'{stem}-layer-{removed}' + ('' if args.percent is None else f'-{args.percent:g}')
+    paths = [os.path.join(args.output_dir, name + ext) for ext in ('.cfg', '.weights')]
+    inputs = {os.path.abspath(p) for p in (args.cfg, args.weights) if p}
+    for path in paths:
+        if os.path.abspath(path) in inputs:
+            raise UserInputError(f'{path}: would overwrite an input file; choose another '
+                                 '--output-dir')
+    return paths
+
+
+def ranking_table(result):
+    """Every [shortcut] block in layer order: its layers, score, rank and fate."""
+    rank = {b.shortcut: r for r, b in enumerate(result.ranking, 1)}
+    removed = {b.shortcut for b in result.removed}
+    rows = [['block', 'layers', 'score', 'rank', 'removed?']]
+    for b in result.blocks:
+        fate = ('removed' if b.shortcut in removed else 'kept' if b.removable
+                else f'kept: {b.obstacle}')
+        rows.append([b.index, f'{b.source + 1}-{b.shortcut}',
+                     '-' if b.score is None else f'{b.score:.4f}', rank.get(b.shortcut, '-'),
+                     fate])
+    return AsciiTable(rows).table
+
+
+def _check_img_size(model, img_size):
+    if img_size % model.stride:
+        low = max(model.stride, img_size // model.stride * model.stride)
+        raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
+                             f'{model.stride}; use {low} or {low + model.stride}')
+
+
+def _refuse_difference(what, difference):
+    if difference > MAX_DIFFERENCE:
+        raise SystemExit(f'error: {what} differ by {difference:.2e} of the output scale '
+                         f'(limit {MAX_DIFFERENCE:g}); nothing was written. This is a bug: '
+                         'please report it with the cfg')
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    _fill_demo_defaults(args, 'shortcut')  # the demo YOLOv3: the tiny one has no blocks
+    if args.weights is None:
+        raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
+                             '.weights or .pt')
+    device = select_device(args.device)
+    start = time.perf_counter()
+    model = load_weights(Darknet(args.cfg), args.weights).to(device).eval()
+    img_size = args.img_size or model.hyperparams.get('width') or 416
+    _check_img_size(model, img_size)
+    result = layer_prune(model, args.layers, args.percent, args.layer_keep,
+                         min(img_size, 4 * model.stride))
+    cfg_path, weights_path = output_paths(args, len(result.removed))
+    scores = [b.score for b in result.removed]
+    print(f'layer pruning: removed {len(result.removed)} of {len(result.ranking)} removable '
+          f'residual blocks ({len(result.blocks)} [shortcut] blocks in all), '
+          f'{sum(len(b.layers) for b in result.removed)} layers, scores '
+          f'{min(scores):.4g} to {max(scores):.4g}; layer-pruned vs original with those '
+          f'branches zeroed: largest difference {result.depth_difference:.2e} of the '
+          'output scale')
+    _refuse_difference('the layer-pruned model and the original with its removed branches '
+                       'zeroed', result.depth_difference)
+    if result.plan is not None:
+        plan = result.plan
+        cut = sum(int((~m).sum()) for m in plan.masks.values())
+        total = sum(len(plan.masks[i]) for unit in plan.units for i in unit)
+        print(f'then shortcut mode: {cut} of {total} prunable channels in {len(plan.units)} '
+              f'units cut at |gamma| <= {plan.threshold:.4g}; largest safe percent '
+              f'{plan.safe_percent:.4f}; compact vs keep-size model: largest difference '
+              f'{result.difference:.2e} of the output scale')
+        _refuse_difference('the compact and keep-size models', result.difference)
+    if args.verbose:
+        print('residual blocks, by layer index in the input cfg:')
+        print(ranking_table(result))
+        if result.plan is not None:
+            print('channels, by layer index in the layer-pruned cfg:')
+            print(layer_table(result.depth_model, result.plan))
+    seconds = time.perf_counter() - start
+    before = measure(model, args, img_size)
+    write_outputs(result.compact, cfg_path, weights_path, args.output_dir)
+    after = measure(result.compact, args, img_size)
+    print(summary_table(before, after))
+    print(f'pruned in {seconds:.1f} s; wrote\n  {cfg_path}\n  {weights_path}')
+    return {'result': result, 'ranking': result.ranking, 'removed': result.removed,
+            'plan': result.plan, 'before': before, 'after': after, 'cfg': cfg_path,
+            'weights': weights_path, 'depth_difference': result.depth_difference,
+            'difference': result.difference}
