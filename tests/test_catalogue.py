@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import ROOT, TEST_CFGS, randomize_weights
 from data.make_shapes import generate

@@ -17,26 +17,19 @@ shape, so their weights are copied as they are.
 `main(argv)` is the prune_layer.py command.
 """
 import copy
-import os
 import time
 from dataclasses import dataclass
 
 import torch
 from terminaltables import AsciiTable
 
-from models import Darknet, conv_layers, load_weights
+from models import Darknet, conv_layers
 from utils.errors import ArgumentParser, UserInputError
 from utils.parse_config import resolve_refs
-from utils.prune_cli import (
-    MAX_DIFFERENCE,
-    _fill_demo_defaults,
-    layer_table,
-    measure,
-    summary_table,
-    write_outputs,
-)
+from utils.prune_cli import (add_common_args, describe_plan, fill_demo_defaults, layer_table,
+                             load_model, measure, output_paths, refuse_difference,
+                             summary_table, write_outputs)
 from utils.prune_utils import output_difference, plan_masks, prune
-from utils.torch_utils import select_device
 
 REF_KEYS = {'route': 'layers', 'shortcut': 'from'}  # the keys that hold layer indices
 
@@ -278,43 +271,22 @@ def layer_prune(model, layers=None, percent=None, layer_keep=None, check_size=No
 # ---------------------------------------------------------------- the command
 
 def get_args_parser():
-    parser = ArgumentParser(
+    parser = add_common_args(ArgumentParser(
         description='Remove the weakest residual blocks of a sparsity-trained Darknet model '
                     '(and with --percent prune channels, shortcut mode, in the same run); '
                     'write the compact cfg + weights. With no arguments: the sparse demo '
-                    'model.')
-    parser.add_argument('--cfg', help='model definition (.cfg)')
-    parser.add_argument('--weights', help='model weights (.weights or .pt)')
-    parser.add_argument('--data', help='data set description (.data) to measure mAP on')
+                    'model.'))
     parser.add_argument('--layers', type=int,
                         help='number of residual blocks to remove, weakest first (default: '
                              'a quarter of the removable blocks, at least one)')
     parser.add_argument('--percent', type=float,
                         help='then cut this share of the prunable channels, by global '
                              '|gamma|, shortcut mode (default: no channel pruning)')
-    parser.add_argument('--img-size', type=int, help="input side (default: the cfg's width)")
-    parser.add_argument('--batch-size', type=int, default=16, help='evaluation batch size')
-    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument('--workers', type=int, default=2, help='data loading processes')
-    parser.add_argument('--output-dir', default='runs/prune', help='folder for the pruned files')
     parser.add_argument('--layer-keep', type=float,
                         help='with --percent: keep at least this share of every layer')
     parser.add_argument('--verbose', action='store_true',
                         help='print the per-block ranking (and per-layer table with --percent)')
     return parser
-
-
-def output_paths(args, removed):
-    """<weights stem>-layer-<N>[-<percent>].cfg/.weights in --output-dir."""
-    stem = os.path.splitext(os.path.basename(args.weights or args.cfg))[0]
-    name = f'{stem}-layer-{removed}' + ('' if args.percent is None else f'-{args.percent:g}')
-    paths = [os.path.join(args.output_dir, name + ext) for ext in ('.cfg', '.weights')]
-    inputs = {os.path.abspath(p) for p in (args.cfg, args.weights) if p}
-    for path in paths:
-        if os.path.abspath(path) in inputs:
-            raise UserInputError(f'{path}: would overwrite an input file; choose another '
-                                 '--output-dir')
-    return paths
 
 
 def ranking_table(result):
@@ -331,34 +303,15 @@ def ranking_table(result):
     return AsciiTable(rows).table
 
 
-def _check_img_size(model, img_size):
-    if img_size % model.stride:
-        low = max(model.stride, img_size // model.stride * model.stride)
-        raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
-                             f'{model.stride}; use {low} or {low + model.stride}')
-
-
-def _refuse_difference(what, difference):
-    if difference > MAX_DIFFERENCE:
-        raise SystemExit(f'error: {what} differ by {difference:.2e} of the output scale '
-                         f'(limit {MAX_DIFFERENCE:g}); nothing was written. This is a bug: '
-                         'please report it with the cfg')
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    _fill_demo_defaults(args, 'shortcut')  # the demo YOLOv3: the tiny one has no blocks
-    if args.weights is None:
-        raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
-                             '.weights or .pt')
-    device = select_device(args.device)
+    fill_demo_defaults(args, 'shortcut')  # the demo YOLOv3: the tiny one has no blocks
     start = time.perf_counter()
-    model = load_weights(Darknet(args.cfg), args.weights).to(device).eval()
-    img_size = args.img_size or model.hyperparams.get('width') or 416
-    _check_img_size(model, img_size)
+    model, img_size = load_model(args)
     result = layer_prune(model, args.layers, args.percent, args.layer_keep,
                          min(img_size, 4 * model.stride))
-    cfg_path, weights_path = output_paths(args, len(result.removed))
+    cfg_path, weights_path = output_paths(args, f'layer-{len(result.removed)}' + (
+        '' if args.percent is None else f'-{args.percent:g}'))
     scores = [b.score for b in result.removed]
     print(f'layer pruning: removed {len(result.removed)} of {len(result.ranking)} removable '
           f'residual blocks ({len(result.blocks)} [shortcut] blocks in all), '
@@ -366,17 +319,11 @@ def main(argv=None):
           f'{min(scores):.4g} to {max(scores):.4g}; layer-pruned vs original with those '
           f'branches zeroed: largest difference {result.depth_difference:.2e} of the '
           'output scale')
-    _refuse_difference('the layer-pruned model and the original with its removed branches '
+    refuse_difference('the layer-pruned model and the original with its removed branches '
                        'zeroed', result.depth_difference)
     if result.plan is not None:
-        plan = result.plan
-        cut = sum(int((~m).sum()) for m in plan.masks.values())
-        total = sum(len(plan.masks[i]) for unit in plan.units for i in unit)
-        print(f'then shortcut mode: {cut} of {total} prunable channels in {len(plan.units)} '
-              f'units cut at |gamma| <= {plan.threshold:.4g}; largest safe percent '
-              f'{plan.safe_percent:.4f}; compact vs keep-size model: largest difference '
-              f'{result.difference:.2e} of the output scale')
-        _refuse_difference('the compact and keep-size models', result.difference)
+        print('then ' + describe_plan('shortcut', result.plan, result.difference))
+        refuse_difference('the compact and keep-size models', result.difference)
     if args.verbose:
         print('residual blocks, by layer index in the input cfg:')
         print(ranking_table(result))

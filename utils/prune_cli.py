@@ -18,13 +18,23 @@ from utils.torch_utils import count_macs, count_parameters, measure_latency, sel
 MAX_DIFFERENCE = 1e-3  # compact vs keep-size, as a share of the output scale
 
 
-def get_args_parser(mode):
-    parser = ArgumentParser(
-        description=f'Prune channels of a Darknet model, {mode} mode, and write the compact '
-                    'cfg + weights. With no arguments: the sparse demo model.')
+def add_common_args(parser):
+    """The flags every prune script has: input, data, sizes, device, output folder."""
     parser.add_argument('--cfg', help='model definition (.cfg)')
     parser.add_argument('--weights', help='model weights (.weights or .pt)')
     parser.add_argument('--data', help='data set description (.data) to measure mAP on')
+    parser.add_argument('--img-size', type=int, help="input side (default: the cfg's width)")
+    parser.add_argument('--batch-size', type=int, default=16, help='evaluation batch size')
+    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument('--workers', type=int, default=2, help='data loading processes')
+    parser.add_argument('--output-dir', default='runs/prune', help='folder for the pruned files')
+    return parser
+
+
+def get_args_parser(mode):
+    parser = add_common_args(ArgumentParser(
+        description=f'Prune channels of a Darknet model, {mode} mode, and write the compact '
+                    'cfg + weights. With no arguments: the sparse demo model.'))
     parser.add_argument('--percent', type=float,
                         help='share of the prunable channels to cut, by global |gamma| '
                              '(default 0.5)')
@@ -34,11 +44,6 @@ def get_args_parser(mode):
                              'parameters (0.85: 85%%), instead of --percent')
     target.add_argument('--target-gmacs', type=float, metavar='F',
                         help='the same for the multiply-accumulates (GMACs) at --img-size')
-    parser.add_argument('--img-size', type=int, help="input side (default: the cfg's width)")
-    parser.add_argument('--batch-size', type=int, default=16, help='evaluation batch size')
-    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument('--workers', type=int, default=2, help='data loading processes')
-    parser.add_argument('--output-dir', default='runs/prune', help='folder for the pruned files')
     parser.add_argument('--layer-keep', type=float,
                         help='keep at least this share of every layer (allows any --percent)')
     if mode == 'regular':
@@ -48,19 +53,51 @@ def get_args_parser(mode):
     return parser
 
 
-def _fill_demo_defaults(args, mode):
-    if args.cfg is not None:
-        return
-    model = demo.TINY if mode == 'tiny' else demo.YOLOV3
-    args.cfg = model['cfg']
-    args.weights = args.weights or demo.require_demo_weights(model['sparse_weights'])
-    args.data = args.data or demo.ensure_demo_data()
-    args.img_size = args.img_size or demo.IMG_SIZE
+def fill_demo_defaults(args, mode):
+    """No --cfg: the sparse demo model (tiny mode: the tiny one) on the demo data."""
+    if args.cfg is None:
+        model = demo.TINY if mode == 'tiny' else demo.YOLOV3
+        args.cfg = model['cfg']
+        args.weights = args.weights or demo.require_demo_weights(model['sparse_weights'])
+        args.data = args.data or demo.ensure_demo_data()
+        args.img_size = args.img_size or demo.IMG_SIZE
+    if args.weights is None:
+        raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
+                             '.weights or .pt')
 
 
-def output_paths(args, mode):
+def load_model(args):
+    """The input model in eval mode on --device, and the checked input size."""
+    model = load_weights(Darknet(args.cfg), args.weights).to(select_device(args.device)).eval()
+    img_size = args.img_size or model.hyperparams.get('width') or 416
+    if img_size % model.stride:
+        low = max(model.stride, img_size // model.stride * model.stride)
+        raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
+                             f'{model.stride}; use {low} or {low + model.stride}')
+    return model, img_size
+
+
+def refuse_difference(what, difference):
+    """Stop before writing anything when a self-check fails: that is a bug of ours."""
+    if difference > MAX_DIFFERENCE:
+        raise SystemExit(f'error: {what} differ by {difference:.2e} of the output scale '
+                         f'(limit {MAX_DIFFERENCE:g}); nothing was written. This is a bug: '
+                         'please report it with the cfg')
+
+
+def describe_plan(mode, plan, difference):
+    cut = sum(int((~m).sum()) for m in plan.masks.values())
+    total = sum(len(plan.masks[i]) for unit in plan.units for i in unit)
+    return (f'{mode} mode: {cut} of {total} prunable channels in {len(plan.units)} units cut '
+            f'at |gamma| <= {plan.threshold:.4g}; largest safe percent {plan.safe_percent:.4f}; '
+            f'compact vs keep-size model: largest difference {difference:.2e} of the output '
+            'scale')
+
+
+def output_paths(args, suffix):
+    """<weights stem>-<suffix>.cfg/.weights in --output-dir, refused if one is an input."""
     stem = os.path.splitext(os.path.basename(args.weights or args.cfg))[0]
-    name = f'{stem}-{mode}-{args.percent:g}'
+    name = f'{stem}-{suffix}'
     paths = [os.path.join(args.output_dir, name + ext) for ext in ('.cfg', '.weights')]
     inputs = {os.path.abspath(p) for p in (args.cfg, args.weights) if p}
     for path in paths:
@@ -154,32 +191,16 @@ def choose_plan(model, mode, args, img_size):
 
 def main(mode, argv=None):
     args = get_args_parser(mode).parse_args(argv)
-    _fill_demo_defaults(args, mode)
-    if args.weights is None:
-        raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
-                             '.weights or .pt')
-    device = select_device(args.device)
+    fill_demo_defaults(args, mode)
     start = time.perf_counter()
-    model = load_weights(Darknet(args.cfg), args.weights).to(device).eval()
-    img_size = args.img_size or model.hyperparams.get('width') or 416
-    if img_size % model.stride:
-        low = max(model.stride, img_size // model.stride * model.stride)
-        raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
-                             f'{model.stride}; use {low} or {low + model.stride}')
+    model, img_size = load_model(args)
     plan = choose_plan(model, mode, args, img_size)
-    cfg_path, weights_path = output_paths(args, mode)
+    cfg_path, weights_path = output_paths(args, f'{mode}-{args.percent:g}')
     keep_size, compact = prune(model, plan)
     # the two models must agree on any input; a small one keeps the check quick
     difference = output_difference(keep_size, compact, min(img_size, 4 * model.stride))
-    pruned = sum(int((~m).sum()) for m in plan.masks.values())
-    total = sum(len(plan.masks[i]) for unit in plan.units for i in unit)
-    print(f'{mode} mode: {pruned} of {total} prunable channels in {len(plan.units)} units cut '
-          f'at |gamma| <= {plan.threshold:.4g}; largest safe percent {plan.safe_percent:.4f}; '
-          f'compact vs keep-size model: largest difference {difference:.2e} of the output scale')
-    if difference > MAX_DIFFERENCE:
-        raise SystemExit(f'error: the compact model differs from the keep-size model by '
-                         f'{difference:.2e} of the output scale (limit {MAX_DIFFERENCE:g}); '
-                         'nothing was written. This is a bug: please report it with the cfg')
+    print(describe_plan(mode, plan, difference))
+    refuse_difference('the compact and keep-size models', difference)
     if args.verbose:
         print(layer_table(model, plan))
     seconds = time.perf_counter() - start
