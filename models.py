@@ -270,6 +270,8 @@ class Darknet(nn.Module):
     def _same_sizes(self, i, tensors, sources):
         """Concatenated or added outputs need one spatial size; a conv or pool whose
         padding shrinks its output (no pad=1) breaks that only at run time."""
+        if torch.jit.is_tracing():  # sizes are traced tensors there; the eager run checks
+            return
         sizes = [tuple(t.shape[2:]) for t in tensors]
         if len(set(sizes)) > 1:
             found = ', '.join(f'layer {s}: {w}x{h}' for s, (h, w) in zip(sources, sizes))
