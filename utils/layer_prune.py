@@ -305,7 +305,7 @@ def ranking_table(result):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    fill_demo_defaults(args, 'shortcut')  # the demo YOLOv3: the tiny one has no blocks
+    fill_demo_defaults(args, 'layer')  # the demo YOLOv3: the tiny one has no blocks
     start = time.perf_counter()
     model, img_size = load_model(args)
     result = layer_prune(model, args.layers, args.percent, args.layer_keep,

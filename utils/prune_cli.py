@@ -54,13 +54,16 @@ def get_args_parser(mode):
 
 
 def fill_demo_defaults(args, mode):
-    """No --cfg: the sparse demo model (tiny mode: the tiny one) on the demo data."""
+    """No --cfg: the sparse demo model (tiny mode: the tiny one) on the demo data, with
+    demo.LAYER_KEEP unless --layer-keep is given."""
     if args.cfg is None:
         model = demo.TINY if mode == 'tiny' else demo.YOLOV3
         args.cfg = model['cfg']
         args.weights = args.weights or demo.require_demo_weights(model['sparse_weights'])
         args.data = args.data or demo.ensure_demo_data()
         args.img_size = args.img_size or demo.IMG_SIZE
+        if args.layer_keep is None and not (mode == 'layer' and args.percent is None):
+            args.layer_keep = demo.LAYER_KEEP
     if args.weights is None:
         raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
                              '.weights or .pt')
