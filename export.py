@@ -25,6 +25,7 @@ import time
 
 from models import Darknet, load_weights
 from utils import demo, onnx_utils
+from utils.datasets import check_img_size
 from utils.errors import ArgumentParser, UserInputError, run_cli
 
 
@@ -80,10 +81,7 @@ def main(argv=None):
     path = output_path(args)
     model = load_weights(Darknet(args.cfg), args.weights).eval()
     img_size = args.img_size or model.hyperparams.get('width') or 416
-    if img_size < 1 or img_size % model.stride:
-        low = max(model.stride, img_size // model.stride * model.stride)
-        raise UserInputError(f'--img-size {img_size} is not a positive multiple of the model '
-                             f'stride {model.stride}; use {low} or {low + model.stride}')
+    check_img_size(img_size, model.stride)
     start = time.perf_counter()
     try:
         difference = onnx_utils.export_onnx(model, path, img_size, args.dynamic_batch,

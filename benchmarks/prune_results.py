@@ -220,6 +220,10 @@ def family_rows(family, args):
     rows = [{'family': family, 'model': name, 'mode': '', **describe(model),
              'removed': 0.0, 'map_pruned': map50(model)}
             for name, model in (('baseline', baseline), ('sparse', sparse))]
+    # the control: the unpruned sparse model fine-tuned the same way, since more training
+    # alone may add mAP that the pruned rows' fine-tuning would otherwise take credit for
+    rows[1]['map_finetuned'] = finetune(spec['cfg'], spec['sparse_weights'],
+                                        os.path.join(args.work_dir, family, 'sparse'), args)
     models = {'baseline': baseline, 'sparse': sparse}
     mode_rows, mode_models = pruned_rows(family, spec, modes, sparse, args)
     rows += mode_rows
@@ -278,8 +282,10 @@ def plot(rows, path):
         mine = [r for r in rows if r['family'] == family]
         if not mine:
             continue
-        sparse = next(r for r in mine if r['model'] == 'sparse')['map_pruned']
-        axis.axhline(sparse, color='grey', linestyle=':', label='sparse model')
+        sparse = next(r for r in mine if r['model'] == 'sparse')
+        axis.axhline(sparse['map_pruned'], color='grey', linestyle=':', label='sparse model')
+        axis.axhline(sparse['map_finetuned'], color='grey', linestyle='--',
+                     label='sparse model, fine-tuned the same way (control)')
         for mode, colour in colours.items():
             points = sorted((r for r in mine if r['mode'] == mode), key=lambda r: r['removed'])
             if not points:

@@ -280,7 +280,7 @@ def test_cli_failed_check_exits_nonzero_and_leaves_nothing(files, tmp_path, caps
 
 @pytest.mark.parametrize('flags, needle', [
     (['--opset', '9'], '--opset 9: the exporter writes opsets 11 to 20'),
-    (['--img-size', '60'], '--img-size 60 is not a positive multiple of the model stride 32'),
+    (['--img-size', '60'], '--img-size 60 is not a multiple of the model stride 32'),
     (['--output', 'model.pt'], 'name the ONNX file with a .onnx extension'),
 ])
 def test_cli_refuses_bad_flags(files, tmp_path, capsys, monkeypatch, flags, needle):

@@ -449,6 +449,14 @@ def _worker_init(worker_id):
     cv2.setNumThreads(0)
 
 
+def check_img_size(img_size, stride):
+    """Refuse an input side the model cannot take, naming the two nearest that it can."""
+    if img_size < 1 or img_size % stride:
+        low = max(stride, img_size // stride * stride)
+        raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
+                             f'{stride}; use {low} or {low + stride}')
+
+
 def create_dataloader(list_path, img_size, batch_size, num_classes, augment=False, rect=False,
                       workers=0, shuffle=False, stride=32, hyp=None, shards=None):
     """A DataLoader over `list_path` and its data set: returns (loader, dataset).
@@ -459,10 +467,7 @@ def create_dataloader(list_path, img_size, batch_size, num_classes, augment=Fals
     depend on the order of the images, so `rect` turns shuffling off and cannot be
     combined with shards.
     """
-    if img_size % stride:
-        raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
-                             f'{stride}; use {max(stride, img_size // stride * stride)} or '
-                             f'{(img_size // stride + 1) * stride}')
+    check_img_size(img_size, stride)
     if batch_size < 1:
         raise UserInputError(f'--batch-size {batch_size}: use 1 or more')
     if rect and shards is not None:

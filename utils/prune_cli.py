@@ -10,6 +10,7 @@ from terminaltables import AsciiTable
 
 from models import Darknet, darknet_float_count, load_weights, save_weights
 from utils import demo
+from utils.datasets import check_img_size
 from utils.errors import ArgumentParser, UserInputError
 from utils.parse_config import parse_data_cfg, require_data_key, write_cfg
 from utils.prune_utils import find_percent, output_difference, plan_masks, prune
@@ -73,10 +74,7 @@ def load_model(args):
     """The input model in eval mode on --device, and the checked input size."""
     model = load_weights(Darknet(args.cfg), args.weights).to(select_device(args.device)).eval()
     img_size = args.img_size or model.hyperparams.get('width') or 416
-    if img_size % model.stride:
-        low = max(model.stride, img_size // model.stride * model.stride)
-        raise UserInputError(f'--img-size {img_size} is not a multiple of the model stride '
-                             f'{model.stride}; use {low} or {low + model.stride}')
+    check_img_size(img_size, model.stride)
     return model, img_size
 
 
