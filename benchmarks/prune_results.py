@@ -245,7 +245,7 @@ def family_rows(family, args):
 def markdown(rows, args, seconds):
     def number(value, spec):
         return '' if value is None else format(value, spec)
-    lines = ['| model | rows | params | removed | GMACs | mAP@0.5 pruned | fine-tuned | '
+    lines = ['| family | model | params | removed | GMACs | mAP@0.5 pruned | fine-tuned | '
              'distilled | PyTorch ms | ORT ms | .weights MB |',
              '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
