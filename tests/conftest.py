@@ -60,6 +60,28 @@ def opencv_detections(cfg_path, weights_path, image, model):
     return np.concatenate(heads)
 
 
+def our_detections(model, image):
+    """Our model's eval output on `image` (1, C, H, W numpy), as float64 rows."""
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(image))[0].double().numpy()
+
+
+def assert_same_detections(ours, theirs, opencv=False):
+    """xy within 0.01 px, log wh within 1e-3, probabilities within 1e-4. opencv: `theirs`
+    is OpenCV's, whose class columns are objectness * class probability, zeroed below
+    its threshold."""
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours[:, :2], theirs[:, :2], rtol=0, atol=0.01)
+    np.testing.assert_allclose(np.log(ours[:, 2:4]), np.log(theirs[:, 2:4]), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(ours[:, 4], theirs[:, 4], rtol=0, atol=1e-4)
+    classes = ours[:, 5:]
+    if opencv:
+        reported = theirs[:, 5:] > 0
+        assert reported.any()
+        classes = np.where(reported, classes * ours[:, 4:5], 0)
+    np.testing.assert_allclose(classes, theirs[:, 5:], rtol=0, atol=1e-4)
+
+
 @pytest.fixture
 def features_cfg():
     return os.path.join(TEST_CFGS, 'features.cfg')

@@ -291,13 +291,6 @@ class Killed(BaseException):
     """Stands in for SIGKILL in-process: nothing in train.py catches it."""
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize('stop, when', [(Killed, 'before'), (Killed, 'after'),
                                         ('Stop', 'before'), ('Stop', 'after')])

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TEST_CFGS, opencv_detections, randomize_weights
+from conftest import (ROOT, TEST_CFGS, assert_same_detections, opencv_detections, our_detections,
+                      randomize_weights)
 
 from models import Darknet, load_weights, save_weights
 from utils import prune_cli
@@ -99,32 +100,15 @@ def _image(seed=0):
     return np.random.default_rng(seed).random((1, 3, IMG, IMG), dtype=np.float32)
 
 
-def _ours(model, image):
-    with torch.no_grad():
-        return model.eval()(torch.from_numpy(image))[0].double().numpy()
 
 
-def _assert_same_detections(ours, theirs, opencv=False):
-    """xy within 0.01 px, log wh within 1e-3, probabilities within 1e-4. opencv: `theirs`
-    is OpenCV's, whose class columns are objectness * class probability, zeroed below
-    its threshold."""
-    assert ours.shape == theirs.shape
-    np.testing.assert_allclose(ours[:, :2], theirs[:, :2], rtol=0, atol=0.01)
-    np.testing.assert_allclose(np.log(ours[:, 2:4]), np.log(theirs[:, 2:4]), rtol=0, atol=1e-3)
-    np.testing.assert_allclose(ours[:, 4], theirs[:, 4], rtol=0, atol=1e-4)
-    classes = ours[:, 5:]
-    if opencv:
-        reported = theirs[:, 5:] > 0
-        assert reported.any()
-        classes = np.where(reported, classes * ours[:, 4:5], 0)
-    np.testing.assert_allclose(classes, theirs[:, 5:], rtol=0, atol=1e-4)
 
 
 def _check_against_opencv(cfg, weights, image):
     """Our model on the files against OpenCV's reading of them; returns ours."""
     model = load_weights(Darknet(cfg), weights).eval()
-    ours = _ours(model, image)
-    _assert_same_detections(ours, opencv_detections(cfg, weights, image, model), opencv=True)
+    ours = our_detections(model, image)
+    assert_same_detections(ours, opencv_detections(cfg, weights, image, model), opencv=True)
     return ours
 
 
@@ -215,8 +199,8 @@ def test_zeroed_branches_are_removed_without_changing_detections(tmp_path):
     original = _check_against_opencv(CFG, weights, image)
     assert original[:, 4].std() > 0.02  # objectness varies: not flat outputs
     pruned = _check_against_opencv(result['cfg'], result['weights'], image)
-    _assert_same_detections(pruned, original)
-    _assert_same_detections(opencv_detections(result['cfg'], result['weights'], image, model),
+    assert_same_detections(pruned, original)
+    assert_same_detections(opencv_detections(result['cfg'], result['weights'], image, model),
                             opencv_detections(CFG, weights, image, model))
 
 
@@ -234,7 +218,7 @@ def test_zeroed_branches_of_the_demo_yolov3_cfg(tmp_path):
     assert len(parse_model_cfg(result['cfg'])[1]) == len(model.module_defs) - 12
     image = _image()
     pruned = _check_against_opencv(result['cfg'], result['weights'], image)
-    _assert_same_detections(pruned, _ours(model, image))
+    assert_same_detections(pruned, our_detections(model, image))
 
 
 def test_self_check_sees_a_wrong_removal():

@@ -371,15 +371,6 @@ def test_bad_inputs_are_refused(features_cfg):
 
 # ---------------------------------------------------------------------------- training
 
-@pytest.fixture
-def one_thread():
-    # These small models run as fast on one thread, and two OpenMP threads slow down
-    # tenfold when other processes share the two cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _top_detections(detections, k):
     """The k highest-objectness rows of (N, 5 + C) after greedy suppression at IoU 0.5."""

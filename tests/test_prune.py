@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TEST_CFGS, opencv_detections, randomize_weights
+from conftest import (ROOT, TEST_CFGS, assert_same_detections, opencv_detections, our_detections,
+                      randomize_weights)
 from models import Darknet, load_weights, save_weights
 from utils.errors import UserInputError
 from utils.parse_config import parse_model_cfg
@@ -163,25 +164,8 @@ def _image(seed=0):
     return np.random.default_rng(seed).random((1, 3, IMG, IMG), dtype=np.float32)
 
 
-def _ours(model, image):
-    with torch.no_grad():
-        return model.eval()(torch.from_numpy(image))[0].double().numpy()
 
 
-def _assert_same_detections(first, second, second_has_products=False):
-    """xy within 0.01 px, log wh within 1e-3, objectness and classes within 1e-4.
-    second_has_products: `second` is OpenCV's, which reports objectness * class
-    probability and zeroes it below its threshold, while `first` is ours."""
-    assert first.shape == second.shape
-    np.testing.assert_allclose(first[:, :2], second[:, :2], rtol=0, atol=0.01)
-    np.testing.assert_allclose(np.log(first[:, 2:4]), np.log(second[:, 2:4]), rtol=0, atol=1e-3)
-    np.testing.assert_allclose(first[:, 4], second[:, 4], rtol=0, atol=1e-4)
-    classes = first[:, 5:]
-    if second_has_products:
-        reported = second[:, 5:] > 0
-        assert reported.any()
-        classes = np.where(reported, classes * first[:, 4:5], 0)
-    np.testing.assert_allclose(classes, second[:, 5:], rtol=0, atol=1e-4)
 
 
 def _check_masks(plan, doomed, mode):
@@ -253,9 +237,9 @@ def _check_detections_unchanged(cfg, mode, folder, kind):
     original = opencv_detections(cfg, weights, image, model)
     assert original[:, 4].std() > 0.02  # objectness varies: not a comparison of flat outputs
     pruned = opencv_detections(result['cfg'], result['weights'], image, written)
-    _assert_same_detections(pruned, original)
-    _assert_same_detections(_ours(written, image), pruned, second_has_products=True)
-    _assert_same_detections(_ours(written, image), _ours(model, image))
+    assert_same_detections(pruned, original)
+    assert_same_detections(our_detections(written, image), pruned, opencv=True)
+    assert_same_detections(our_detections(written, image), our_detections(model, image))
 
 
 def _check_compact_matches_keep_size(cfg, mode, folder):
