@@ -138,17 +138,24 @@ def _digest(*paths):
 
 def _run(mode, cfg, weights, out, *flags):
     """One prune run into `out`; the inputs must come out byte-identical, and `out` must
-    hold exactly the pruned .cfg and .weights."""
+    hold exactly the pruned .cfg, .weights and widths plot. These tests choose what goes
+    by setting gammas, so they run the gamma criterion without rounding unless the flags
+    say otherwise (tests/test_criteria.py covers the other criteria and the defaults)."""
     before = _digest(cfg, weights)
+    flags = [str(f) for f in flags]
+    if '--criterion' not in flags:
+        flags = ['--criterion', 'gamma'] + flags
+    if '--round-to' not in flags and mode != 'regular':  # cut exactly the chosen channels
+        flags = ['--round-to', '1'] + flags
     try:
         result = main(mode, ['--cfg', cfg, '--weights', weights, '--output-dir', str(out),
-                             '--img-size', str(IMG), *map(str, flags)])
+                             '--img-size', str(IMG), *flags])
     finally:
         assert _digest(cfg, weights) == before, 'an input file changed'
     assert os.path.dirname(result['cfg']) == os.path.dirname(result['weights']) == str(out)
     names = sorted(os.listdir(out))
-    assert names == sorted(os.path.basename(p) for p in (result['cfg'], result['weights']))
-    assert [os.path.splitext(n)[1] for n in names] == ['.cfg', '.weights']
+    assert names == sorted(os.path.basename(result[k]) for k in ('cfg', 'weights', 'widths'))
+    assert sorted(os.path.splitext(n)[1] for n in names) == ['.cfg', '.png', '.weights']
     return result
 
 
@@ -434,7 +441,8 @@ def test_output_is_one_cfg_and_one_weights_named_after_the_input(mode, tmp_path)
     save_weights(randomize_weights(Darknet(SMALL_DETECTOR), seed=16), weights)
     out = tmp_path / 'out'
     result = _run(mode, SMALL_DETECTOR, weights, out, '--percent', 0.3)
-    assert sorted(os.listdir(out)) == [f'my-model-{mode}-0.3.cfg', f'my-model-{mode}-0.3.weights']
+    assert sorted(os.listdir(out)) == [f'my-model-{mode}-0.3-widths.png', f'my-model-{mode}-0.3.cfg',
+                                       f'my-model-{mode}-0.3.weights']
     assert result['cfg'] == str(out / f'my-model-{mode}-0.3.cfg')
     assert result['weights'] == str(out / f'my-model-{mode}-0.3.weights')
 

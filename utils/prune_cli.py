@@ -12,11 +12,23 @@ from models import Darknet, darknet_float_count, load_weights, save_weights
 from utils import demo
 from utils.datasets import check_img_size
 from utils.errors import ArgumentParser, UserInputError
+from utils.fileio import atomic_output, output_group, require_output_dir
+from utils.importance import CRITERIA, DATA_CRITERIA
+from utils.onnx_utils import model_latency
 from utils.parse_config import parse_data_cfg, require_data_key, write_cfg
-from utils.prune_utils import find_percent, output_difference, plan_masks, prune
-from utils.torch_utils import count_macs, count_parameters, measure_latency, select_device
+from utils.prune_utils import (find_percent, output_difference, plan_masks, prune,
+                               rank_channels, recalibrate_bn)
+from utils.torch_utils import count_macs, count_parameters, fused_latency, select_device
 
 MAX_DIFFERENCE = 1e-3  # compact vs keep-size, as a share of the output scale
+DEFAULT_CRITERION = 'consumer'  # chosen by benchmarks/criteria.py
+# The share of a unit's channels the default criterion may cut (--max-layer-prune)
+DEFAULT_MAX_LAYER_PRUNE = 0.9
+DEFAULT_COST = 'params'
+CALIBRATION_IMAGES = 128  # --calibrate default, when --data has a train= list
+# Kept widths rounded up to multiples of 8 (regular mode: powers of two): measured the
+# fastest or near it in PyTorch and ONNX Runtime for every mode (benchmarks/speed.py)
+DEFAULT_ROUND_TO = 8
 
 
 def add_common_args(parser):
@@ -45,25 +57,92 @@ def get_args_parser(mode):
                              'parameters (0.85: 85%%), instead of --percent')
     target.add_argument('--target-gmacs', type=float, metavar='F',
                         help='the same for the multiply-accumulates (GMACs) at --img-size')
-    parser.add_argument('--layer-keep', type=float,
-                        help='keep at least this share of every layer (allows any --percent)')
-    if mode == 'regular':
-        parser.add_argument('--round-to', type=int,
-                            help='round kept widths up to multiples of N (default: powers of two)')
+    add_selection_args(parser, mode)
     parser.add_argument('--verbose', action='store_true', help='print the per-layer table')
     return parser
 
 
+def add_selection_args(parser, mode):
+    """How channels are chosen: criterion, cost, per-layer limits, rounding, calibration."""
+    parser.add_argument('--criterion', choices=CRITERIA, default=DEFAULT_CRITERION,
+                        help=f'channel importance (default {DEFAULT_CRITERION}; gamma: raw '
+                             '|gamma|, the original toolkit\'s rule; see docs/pruning.md)')
+    parser.add_argument('--cost', choices=('params', 'macs', 'none'),
+                        help='rank channels by importance per parameter or MAC they save '
+                             f'(default: {DEFAULT_COST}, macs with --target-gmacs; none '
+                             'with --criterion gamma)')
+    floor = parser.add_mutually_exclusive_group()
+    floor.add_argument('--max-layer-prune', type=float, metavar='F',
+                       help='cut at most the share F of any layer (default '
+                            f'{DEFAULT_MAX_LAYER_PRUNE:g}; none with --criterion gamma)')
+    floor.add_argument('--layer-keep', type=float, metavar='F',
+                       help='keep at least the share F of every layer: the same floor as '
+                            '--max-layer-prune 1-F (allows any --percent)')
+    parser.add_argument('--round-to', type=int, metavar='N',
+                        help='round kept widths up to multiples of N; 1: no rounding '
+                             '(default: ' + ('powers of two)' if mode == 'regular'
+                                             else f'{DEFAULT_ROUND_TO})'))
+    parser.add_argument('--calibrate', type=int, metavar='N',
+                        help='re-estimate the BatchNorm running means of the pruned model on N '
+                             f'training images (default {CALIBRATION_IMAGES} when --data '
+                             'has a train= list; 0: off)')
+    parser.add_argument('--calibrate-variances', action='store_true',
+                        help='re-estimate the running variances too')
+
+
+def resolve_selection(args, mode):
+    """Fill the selection defaults that depend on the mode, the criterion and the target;
+    refuse values out of range. Sets args.layer_keep (the floor), args.cost, args.round_to."""
+    if args.round_to is None and mode != 'regular':
+        args.round_to = DEFAULT_ROUND_TO
+    if args.max_layer_prune is not None:
+        if not 0 < args.max_layer_prune <= 1:
+            raise UserInputError(f'--max-layer-prune {args.max_layer_prune}: must be in (0, 1], '
+                                 'the largest share of a layer to cut')
+        args.layer_keep = 1 - args.max_layer_prune if args.max_layer_prune < 1 else None
+    elif args.layer_keep is None and args.criterion != 'gamma':
+        args.layer_keep = 1 - DEFAULT_MAX_LAYER_PRUNE
+    if args.cost is None:
+        args.cost = ('none' if args.criterion == 'gamma' else
+                     'macs' if getattr(args, 'target_gmacs', None) is not None else DEFAULT_COST)
+    if args.calibrate is not None and args.calibrate < 0:
+        raise UserInputError(f'--calibrate {args.calibrate}: a number of images, 0 for none')
+    if args.calibrate and not args.data:
+        raise UserInputError(f'--calibrate {args.calibrate}: needs --data with a train= list '
+                             'to take the images from')
+
+
+def calibration_batches(data, img_size, images, batch_size, stride, workers=0, seed=0):
+    """`images` training images of the .data file `data` as a list of (images, targets)
+    batches, letterboxed without augmentation, in a fixed shuffled order (a train list
+    is often sorted by class or scene)."""
+    from utils.datasets import create_dataloader
+    options = parse_data_cfg(data)
+    loader, _ = create_dataloader(require_data_key(options, 'train', data), img_size,
+                                  batch_size, options['classes'], workers=workers,
+                                  stride=stride, shards=(0, 1, seed))
+    batches, count = [], 0
+    for imgs, targets, _, _ in loader:
+        take = min(len(imgs), images - count)
+        batches.append((imgs[:take], targets[targets[:, 0] < take]))
+        count += take
+        if count >= images:
+            break
+    return batches
+
+
 def fill_demo_defaults(args, mode):
     """No --cfg: the sparse demo model (tiny mode: the tiny one) on the demo data, with
-    demo.LAYER_KEEP unless --layer-keep is given."""
+    demo.LAYER_KEEP under --criterion gamma unless a floor is given."""
     if args.cfg is None:
         model = demo.TINY if mode == 'tiny' else demo.YOLOV3
         args.cfg = model['cfg']
         args.weights = args.weights or demo.require_demo_weights(model['sparse_weights'])
         args.data = args.data or demo.ensure_demo_data()
         args.img_size = args.img_size or demo.IMG_SIZE
-        if args.layer_keep is None and not (mode == 'layer' and args.percent is None):
+        floor_given = args.layer_keep is not None or getattr(args, 'max_layer_prune', None)
+        if (not floor_given and getattr(args, 'criterion', 'gamma') == 'gamma'
+                and not (mode == 'layer' and args.percent is None)):
             args.layer_keep = demo.LAYER_KEEP
     if args.weights is None:
         raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
@@ -89,8 +168,9 @@ def refuse_difference(what, difference):
 def describe_plan(mode, plan, difference):
     cut = sum(int((~m).sum()) for m in plan.masks.values())
     total = sum(len(plan.masks[i]) for unit in plan.units for i in unit)
+    score = '|gamma|' if plan.criterion == 'gamma' else f'{plan.criterion} score'
     return (f'{mode} mode: {cut} of {total} prunable channels in {len(plan.units)} units cut '
-            f'at |gamma| <= {plan.threshold:.4g}; largest safe percent {plan.safe_percent:.4f}; '
+            f'at {score} <= {plan.threshold:.4g}; largest safe percent {plan.safe_percent:.4f}; '
             f'compact vs keep-size model: largest difference {difference:.2e} of the output '
             'scale')
 
@@ -140,51 +220,105 @@ def summary_table(before, after):
         return f'{after[key] / before[key]:.2f}x' if before[key] else ''
     rows = [['', 'original', 'pruned', 'pruned / original']]
     if before['map50'] is not None:
-        rows.append(['mAP@0.5', f'{before["map50"]:.4f}', f'{after["map50"]:.4f}',
+        if after.get('map50_as_cut') is not None:
+            rows.append(['mAP@0.5 as cut', f'{before["map50"]:.4f}',
+                         f'{after["map50_as_cut"]:.4f}',
+                         f'{after["map50_as_cut"] - before["map50"]:+.4f}'])
+        label = 'mAP@0.5, BN recalibrated' if after.get('map50_as_cut') is not None else 'mAP@0.5'
+        rows.append([label, f'{before["map50"]:.4f}', f'{after["map50"]:.4f}',
                      f'{after["map50"] - before["map50"]:+.4f}'])
     rows += [['parameters', f'{before["params"]:,}', f'{after["params"]:,}', ratio('params')],
              ['GMACs', f'{before["macs"] / 1e9:.3f}', f'{after["macs"] / 1e9:.3f}', ratio('macs')],
-             ['latency (ms, batch 1)', f'{before["latency"] * 1e3:.2f}',
-              f'{after["latency"] * 1e3:.2f}', ratio('latency')],
-             ['.weights file (MB)', f'{before["size"] / 1e6:.2f}', f'{after["size"] / 1e6:.2f}',
-              ratio('size')]]
+             ['PyTorch latency (ms, batch 1, BN fused)', f'{before["latency"] * 1e3:.2f}',
+              f'{after["latency"] * 1e3:.2f}', ratio('latency')]]
+    if before.get('ort_latency') is not None:
+        rows.append(['ONNX Runtime latency (ms, batch 1)', f'{before["ort_latency"] * 1e3:.2f}',
+                     f'{after["ort_latency"] * 1e3:.2f}', ratio('ort_latency')])
+    rows.append(['.weights file (MB)', f'{before["size"] / 1e6:.2f}', f'{after["size"] / 1e6:.2f}',
+                 ratio('size')])
     return AsciiTable(rows).table
+
+
+def _ort_latency(model, img_size):
+    """ONNX Runtime's figure, or None without onnxruntime or when its temporary export
+    cannot be written (a full disk must stop the run at the outputs, not here)."""
+    try:
+        return model_latency(model, img_size)
+    except (UserInputError, OSError):
+        return None
 
 
 def measure(model, args, img_size):
     """The summary's figures; the size is that of the model's .weights file, so a .pt
     input (which may carry optimizer state) compares like for like."""
     return {'map50': _evaluate(model, args, img_size), 'params': count_parameters(model),
-            'macs': count_macs(model, img_size), 'latency': measure_latency(model, img_size),
+            'macs': count_macs(model, img_size), 'latency': fused_latency(model, img_size),
+            'ort_latency': _ort_latency(model, img_size),
             'size': 20 + 4 * darknet_float_count(model)}
 
 
 def write_outputs(compact, cfg_path, weights_path, folder):
-    """The cfg and weights, each written atomically; neither is left without the other."""
-    os.makedirs(folder, exist_ok=True)
-    try:
+    """The cfg and weights, renamed into place together: a failed write, Ctrl-C or
+    SIGTERM leaves neither (and any previous pair as it was)."""
+    with output_group():
         save_weights(compact, weights_path)
         write_cfg(cfg_path, compact.hyperparams, compact.module_defs)
-    except BaseException:
-        for path in (weights_path, cfg_path):
-            if os.path.exists(path):
-                os.remove(path)
-        raise
 
 
-def choose_plan(model, mode, args, img_size):
+def selection_batches(args, model, img_size):
+    """The training images a run needs: for --calibrate (by default CALIBRATION_IMAGES
+    when --data has a train= list) and for a data criterion; None when it needs none."""
+    has_train = bool(args.data) and 'train' in parse_data_cfg(args.data)
+    if args.calibrate is None:
+        args.calibrate = CALIBRATION_IMAGES if has_train else 0
+    images = args.calibrate or (CALIBRATION_IMAGES if args.criterion in DATA_CRITERIA else 0)
+    if not images or not args.data:
+        return None
+    return calibration_batches(args.data, img_size, images, args.batch_size, model.stride,
+                               args.workers)
+
+
+def plot_widths(model, plan, path, title):
+    """Bars of each prunable conv's width before and after: a starved layer shows at once."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    convs = [i for unit in plan.units for i in unit]
+    convs.sort()
+    widths = [len(plan.masks[i]) for i in convs]
+    kept = [int(plan.masks[i].sum()) for i in convs]
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.22 * len(convs) + 2), 4))
+    x = range(len(convs))
+    axis.bar(x, widths, color='#cccccc', label='original')
+    axis.bar(x, kept, color='tab:blue', label='kept')
+    axis.set_xticks(list(x), [str(i) for i in convs], rotation=90, fontsize=7)
+    axis.set_yscale('log')
+    axis.set_xlabel('conv layer (prunable)')
+    axis.set_ylabel('channels')
+    axis.set_title(title, fontsize=9)
+    axis.legend()
+    figure.tight_layout()
+    with atomic_output(path) as f:
+        figure.savefig(f, format='png', dpi=90)
+    plt.close(figure)
+
+
+def choose_plan(model, mode, args, img_size, batches=None):
     """The plan for --percent, or for the percent that --target-params/--target-gmacs
-    finds (then written into args.percent, which names the outputs)."""
-    round_to = getattr(args, 'round_to', None)
+    finds (then written into args.percent, which names the outputs). `batches` feed a
+    data criterion."""
+    cost = None if args.cost == 'none' else args.cost
+    ranking = rank_channels(model, mode, args.criterion, cost, img_size, batches)
     target, measure = ((args.target_params, 'params') if args.target_params is not None
                        else (args.target_gmacs, 'gmacs'))
     if target is None:
         args.percent = 0.5 if args.percent is None else args.percent
-        return plan_masks(model, mode, args.percent, args.layer_keep, round_to)
+        return plan_masks(model, mode, args.percent, args.layer_keep, args.round_to,
+                          ranking=ranking)
     if args.percent is not None:
         raise UserInputError(f'--percent and --target-{measure}: pass one of them')
     args.percent, plan, share = find_percent(model, mode, target, measure, img_size,
-                                             args.layer_keep, round_to)
+                                             args.layer_keep, args.round_to, ranking=ranking)
     print(f'--target-{measure} {target:g}: --percent {args.percent:.4f} removes {share:.2%} '
           f'of the {measure}')
     return plan
@@ -193,9 +327,12 @@ def choose_plan(model, mode, args, img_size):
 def main(mode, argv=None):
     args = get_args_parser(mode).parse_args(argv)
     fill_demo_defaults(args, mode)
+    require_output_dir(args.output_dir)
     start = time.perf_counter()
+    resolve_selection(args, mode)
     model, img_size = load_model(args)
-    plan = choose_plan(model, mode, args, img_size)
+    batches = selection_batches(args, model, img_size)
+    plan = choose_plan(model, mode, args, img_size, batches)
     cfg_path, weights_path = output_paths(args, f'{mode}-{args.percent:g}')
     keep_size, compact = prune(model, plan)
     # the two models must agree on any input; a small one keeps the check quick
@@ -206,9 +343,15 @@ def main(mode, argv=None):
         print(layer_table(model, plan))
     seconds = time.perf_counter() - start
     before = measure(model, args, img_size)
+    as_cut = None
+    if batches and args.calibrate != 0:  # the self-check above ran before: it changes the model
+        as_cut = _evaluate(compact, args, img_size)
+        recalibrate_bn(compact, batches, args.calibrate_variances)
     write_outputs(compact, cfg_path, weights_path, args.output_dir)
-    after = measure(compact, args, img_size)
+    widths_path = os.path.splitext(cfg_path)[0] + '-widths.png'
+    plot_widths(model, plan, widths_path, f'{os.path.basename(cfg_path)}: {args.criterion}')
+    after = {**measure(compact, args, img_size), 'map50_as_cut': as_cut}
     print(summary_table(before, after))
-    print(f'pruned in {seconds:.1f} s; wrote\n  {cfg_path}\n  {weights_path}')
+    print(f'pruned in {seconds:.1f} s; wrote\n  {cfg_path}\n  {weights_path}\n  {widths_path}')
     return {'plan': plan, 'before': before, 'after': after, 'cfg': cfg_path,
-            'weights': weights_path, 'difference': difference}
+            'weights': weights_path, 'widths': widths_path, 'difference': difference}

@@ -8,12 +8,16 @@ channels, so its output channel has the origins of both. From that one table fol
 - upsample feeders: convs whose channels reach an [upsample];
 - sliced convs: convs whose output a `groups` route slices (kept whole for now);
 - unfoldable convs: logistic ones, and those feeding grouped convs, stay whole.
-2. Masks: one global |gamma| threshold over the prunable channels; the mode decides
-   which convs are prunable and how counts are rounded (`plan_masks`).
+2. Masks: the criterion scores every prunable channel (`rank_channels`, criteria in
+   utils/importance.py), one global threshold over the scores cuts them; the mode decides
+   which convs are prunable, and per-layer floors and rounding adjust the counts
+   (`plan_masks`).
 3. Folding: a cut channel still outputs act(beta); that constant is followed through
    the graph and folded into every conv that reads it (`pruned_constants`,
    `fold_constants`), giving the keep-size model.
 4. Compact model: new cfg widths, weights copied by kept output / live input indices.
+5. BatchNorm recalibration (`recalibrate_bn`): the compact model's running statistics
+   re-estimated on a few training images, since the cut changed every later layer's input.
 No layer index is written anywhere; everything is derived from the typed cfg layers.
 """
 import copy
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 
 from models import LEAKY_SLOPE, Darknet
 from utils.errors import UserInputError
+from utils.importance import CRITERIA, DATA_CRITERIA, channel_costs, unit_scores
 from utils.parse_config import resolve_refs
 from utils.torch_utils import count_macs, count_parameters
 
@@ -160,9 +165,10 @@ def sparsity_report(model, mode, small=0.01):
     _, units, gammas = prunable_units(model, mode)
     if not units:
         return {'channels': 0, 'share_small': 0.0, 'max_safe_percent': 0.0}
+    keys = _unit_keys(units, gammas)
     ordered = torch.cat(list(gammas.values())).sort().values
     return {'channels': len(ordered), 'share_small': float((ordered < small).float().mean()),
-            'max_safe_percent': _safe_count(ordered, units, gammas) / len(ordered)}
+            'max_safe_percent': _safe_count(ordered, keys) / len(ordered)}
 
 
 # ---------------------------------------------------------------- masks
@@ -172,10 +178,26 @@ class PrunePlan:
     """Which channels a run keeps, and the figures it was decided from."""
     mode: str
     percent: float
-    threshold: float        # channels with |gamma| <= threshold are pruned (before top-ups)
+    threshold: float        # channels scoring <= threshold are pruned (before top-ups)
     safe_percent: float     # the largest share that empties no unit
     units: list             # lists of convs that share one mask (shortcut groups, or one conv)
     masks: dict             # conv layer -> bool tensor over its output channels, True = keep
+    criterion: str = 'gamma'
+
+
+@dataclass
+class Ranking:
+    """The order a run cuts channels in: per unit, one key per channel, lowest cut first
+    (the criterion's score, divided by the channel's cost when there is one)."""
+    criterion: str
+    cost: object            # None, 'params' or 'macs'
+    info: GraphInfo
+    units: list
+    keys: list              # per unit, (C,) float tensor
+    # the values --percent counts a share of: every conv's own |gamma| under `gamma` (the
+    # original toolkit's threshold, where a group's channel counts once per conv), else
+    # the keys themselves, one per channel of a unit
+    population: torch.Tensor = None
 
 
 def _units(info, prunable, mode):
@@ -197,67 +219,99 @@ def prunable_units(model, mode, info=None):
     return info, _units(info, prunable, mode), gammas
 
 
-def _safe_count(ordered, units, gammas):
-    """How many of the `ordered` gammas can go before a unit loses its last channel: a
-    unit is emptied once the cut reaches the smallest of the units' largest gammas."""
-    limit = min(max(float(gammas[i].max()) for i in unit) for unit in units)
+def _unit_keys(units, gammas):
+    """The `gamma` criterion's keys: a channel's best branch."""
+    return [torch.stack([gammas[i] for i in unit]).max(0).values for unit in units]
+
+
+def rank_channels(model, mode, criterion='gamma', cost=None, img_size=None, batches=None,
+                  info=None):
+    """The Ranking of the channels `mode` prunes under `criterion` (utils/importance.py).
+    `cost` 'params' or 'macs' (at `img_size`) divides each score by what cutting the
+    channel saves; `batches`, a list of (images, targets), feeds the data criteria."""
+    if criterion not in CRITERIA:
+        raise UserInputError(f'--criterion {criterion}: unknown; choose one of '
+                             f'{", ".join(CRITERIA)}')
+    if criterion in DATA_CRITERIA and not batches:
+        raise UserInputError(f'--criterion {criterion} scores channels on training images: '
+                             'pass --data with a train= list')
+    info, units, gammas = prunable_units(model, mode, info)
+    if not units:
+        raise UserInputError(f'{model._name()}: no conv can be pruned in {mode} mode '
+                             '(every BN conv is tied to an upsample, a sliced route or a '
+                             'grouped conv); try another mode')
+    if criterion == 'gamma' and cost is None:
+        return Ranking(criterion, cost, info, units, _unit_keys(units, gammas),
+                       torch.cat(list(gammas.values())))
+    keys = (_unit_keys(units, gammas) if criterion == 'gamma'
+            else unit_scores(model, info, units, criterion, batches))
+    if cost is not None:
+        costs = channel_costs(model, info, units, cost, img_size)
+        keys = [k / c.clamp_min(1) for k, c in zip(keys, costs)]
+    return Ranking(criterion, cost, info, units, keys, torch.cat(keys))
+
+
+def _safe_count(ordered, keys):
+    """How many of the `ordered` keys can go before a unit loses its last channel: a
+    unit is emptied once the cut reaches the smallest of the units' largest keys."""
+    limit = min(float(k.max()) for k in keys)
     return int((ordered < limit).sum())
 
 
-def _rounded_count(kept, channels, round_to):
-    """Regular mode: kept count rounded up to a power of two (8..1024) or a multiple of
-    `round_to`, never above the layer's width."""
+def _rounded_count(kept, channels, round_to, mode):
+    """Kept count rounded up to a multiple of `round_to`; in regular mode without it, to
+    a power of two (8..1024). Never above the layer's width."""
     if round_to:
         target = max(round_to, -(-kept // round_to) * round_to)
-    else:
+    elif mode == 'regular':
         target = 8
         while target < kept and target < 1024:
             target *= 2
+    else:
+        target = kept
     return min(max(target, kept), channels)
 
 
-def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None):
-    """Masks for `mode` at a global |gamma| threshold that prunes `percent` of the
-    prunable channels. A shortcut group keeps a channel when any of its convs keeps it
-    (the union of their masks), so a channel goes only when every branch summed into it
-    is near zero. Refuses a percent that would empty a unit unless `layer_keep` (keep at
-    least that share of each unit, one channel at least); regular mode never empties one.
+def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None, ranking=None):
+    """Masks for `mode` at one global threshold on the ranking's keys (by default the
+    `gamma` criterion: |gamma|) that prunes `percent` of the prunable channels. A shortcut
+    group keeps one key per channel, so a channel goes only when the whole group may
+    lose it. Refuses a percent that would empty a unit unless `layer_keep` (keep at
+    least that share of each unit, one channel at least); regular mode never empties
+    one. `round_to` rounds kept counts up to its multiples in any mode (regular mode
+    without it: powers of two); rounding and floors add the best-scoring channels.
     """
     if not 0 <= percent < 1:
         raise UserInputError(f'--percent {percent}: must be in [0, 1), e.g. 0.5 prunes half '
                              'of the prunable channels')
     if layer_keep is not None and not 0 < layer_keep <= 1:
         raise UserInputError(f'--layer-keep {layer_keep}: must be in (0, 1]')
-    info, units, gammas = prunable_units(model, mode, info)
-    if not units:
-        raise UserInputError(f'{model._name()}: no conv can be pruned in {mode} mode '
-                             '(every BN conv is tied to an upsample, a sliced route or a '
-                             'grouped conv); try another mode')
-    ordered = torch.cat(list(gammas.values())).sort().values
+    if round_to is not None and round_to < 1:
+        raise UserInputError(f'--round-to {round_to}: must be a positive channel count')
+    ranking = ranking or rank_channels(model, mode, info=info)
+    ordered = ranking.population.sort().values
     count = int(len(ordered) * percent)
     threshold = float(ordered[count - 1]) if count else float('-inf')
-    below = _safe_count(ordered, units, gammas)
+    below = _safe_count(ordered, ranking.keys)
     safe = below / len(ordered)
     if mode != 'regular' and layer_keep is None and count > below:
         raise UserInputError(f'--percent {percent:g} would empty a layer: the largest safe '
                              f'percent for this model and mode is {safe:.4f}; prune less, or '
                              'pass --layer-keep F to keep a share F of every layer')
     masks = {i: torch.ones(layer_module_width(model, i), dtype=torch.bool)
-             for i in info.bn_convs}
-    for unit in units:
-        score = torch.stack([gammas[i] for i in unit]).max(0).values  # a channel's best branch
-        keep = score > threshold
+             for i in ranking.info.bn_convs}
+    for unit, key in zip(ranking.units, ranking.keys):
+        keep = key > threshold
         target = int(keep.sum())
         if layer_keep is not None:
-            target = max(target, 1, math.ceil(layer_keep * len(score)))
-        if mode == 'regular':
-            target = _rounded_count(target, len(score), round_to)
-        if target > keep.sum():  # top up with the largest gammas
+            target = max(target, 1, math.ceil(layer_keep * len(key)))
+        target = _rounded_count(target, len(key), round_to, mode)
+        if target > keep.sum():  # top up with the best-scoring channels
             keep = torch.zeros_like(keep)
-            keep[score.argsort(descending=True)[:target]] = True
+            keep[key.argsort(descending=True)[:target]] = True
         for i in unit:
             masks[i] = keep.clone()
-    return PrunePlan(mode, percent, threshold, safe, units, masks)
+    return PrunePlan(mode, percent, threshold, safe, ranking.units, masks, ranking.criterion)
 
 
 def layer_module_width(model, i):
@@ -275,26 +329,27 @@ def compact_cost(model, masks, img_size):
 
 
 def find_percent(model, mode, target, measure, img_size, layer_keep=None, round_to=None,
-                 resolution=1e-4):
+                 resolution=1e-4, ranking=None):
     """The smallest percent (a multiple of `resolution`) whose compact model removes at
     least the share `target` of the original's parameters (`measure` 'params') or MACs
     ('gmacs'). Cutting more channels never adds cost (the masks are nested as the
     threshold rises), so a bisection over the percent finds it. Returns (percent, plan,
-    share removed); refuses a target beyond the largest percent the mode allows."""
+    share removed); refuses a target beyond the largest percent the mode allows.
+    `ranking` (rank_channels) orders the channels; by default the `gamma` criterion."""
     if not 0 < target < 1:
         raise UserInputError(f'--target-{measure} {target}: must be in (0, 1), the share of '
                              f'the {measure} to remove (0.6 removes 60%)')
-    info = analyze_graph(model.module_defs, model.hyperparams.get('channels', 3))
+    ranking = ranking or rank_channels(model, mode)
     index = 0 if measure == 'params' else 1
     full = (count_parameters(model), count_macs(model, img_size))[index]
 
     def attempt(step):
-        plan = plan_masks(model, mode, step * resolution, layer_keep, round_to, info)
+        plan = plan_masks(model, mode, step * resolution, layer_keep, round_to, ranking=ranking)
         return plan, 1 - compact_cost(model, plan.masks, img_size)[index] / full
 
     steps = round(1 / resolution)
     low, high = 0, steps - 1  # a plan exists at `low`; search (low, high]
-    plan = plan_masks(model, mode, 0.0, layer_keep, round_to, info)
+    plan = plan_masks(model, mode, 0.0, layer_keep, round_to, ranking=ranking)
     if mode != 'regular' and layer_keep is None:
         high = min(high, int(plan.safe_percent / resolution))
     best_plan, best_share = attempt(high)
@@ -451,3 +506,35 @@ def output_difference(first, second, img_size, seed=0):
         a, b = first.eval()(x), second.eval()(x)
     boxes = (a[..., :4] - b[..., :4]).abs().max() / img_size
     return float(max(boxes, (a[..., 4:] - b[..., 4:]).abs().max()))
+
+
+# ---------------------------------------------------------------- recalibration
+
+def recalibrate_bn(model, batches, variances=False):
+    """Re-estimate every BatchNorm's running mean (and with `variances` its running
+    variance) on `batches`, a list of (images, targets); no labels or gradients are used.
+    Each statistic becomes the equal-weight average over the batches, as after a
+    train-mode pass with momentum None. A cut changes what every later layer sees, so
+    statistics measured before it no longer fit (adaptive BN: Li et al., EagleEye, ECCV
+    2020). The variances are kept by default: folding already moved each consumer's mean
+    by the cut channels' constant output, and renormalising the variance scales the kept
+    channels up to fill the variance of the cut ones, which cost mAP on most rows of
+    benchmarks/criteria.py. Returns the model in eval mode."""
+    device = next(model.parameters()).device
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [(bn.momentum, bn.running_var.clone()) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    try:
+        with torch.no_grad():
+            for imgs, _ in batches:
+                model(imgs.to(device))
+    finally:
+        for bn, (momentum, var) in zip(bns, saved):
+            bn.momentum = momentum
+            if not variances:
+                bn.running_var.copy_(var)
+        model.eval()
+    return model
