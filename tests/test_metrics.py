@@ -1,6 +1,7 @@
 """Boxes, NMS, matching and AP, each against a slow obvious version or pycocotools."""
 import contextlib
 import io
+import os
 
 import numpy as np
 import pytest
@@ -247,3 +248,97 @@ def test_map_agrees_with_pycocotools(seed):
     assert 0.2 < coco50 < 0.95 and coco < coco50  # a set that is neither trivial nor hopeless
     assert m.ap50.mean() == pytest.approx(coco50, abs=0.01)
     assert m.ap50_95.mean() == pytest.approx(coco, abs=0.02)
+
+
+def _letterbox_by_hand(h0, w0, height, width):
+    """((h0, w0), (rw, rh), (left, top)) of a centred letterbox into (height, width): the
+    largest scale that fits, sides rounded to whole pixels, the odd pixel of padding on
+    the right / bottom."""
+    scale = min(height / h0, width / w0)
+    w, h = min(width, round(w0 * scale)), min(height, round(h0 * scale))
+    return (h0, w0), (w / w0, h / h0), ((width - w) // 2, (height - h) // 2)
+
+
+def _letterboxed_eval_set(seed, shape=(64, 96), sizes=((50, 90), (120, 40), (77, 33),
+                                                        (96, 96), (40, 200))):
+    """Per image: (path, library LetterboxInfo, ground truth in original pixels, ground
+    truth and detections in letterboxed pixels). Two classes with 25 boxes each; each
+    class's top-scored detection is exact, the others jittered (IoUs across 0.5..1),
+    duplicated or missing, plus background false positives. Boxes stay inside the image
+    part of the letterbox, so no clipping tells the two roads apart."""
+    from utils.datasets import letterbox
+    rng = np.random.default_rng(seed)
+    classes = rng.permutation(np.repeat([0, 1], 25)).reshape(len(sizes), -1)
+    out, exact_done = [], set()
+    for k, ((h0, w0), image_classes) in enumerate(zip(sizes, classes)):
+        _, info = letterbox(np.zeros((h0, w0, 3), np.uint8), shape)
+        hand = _letterbox_by_hand(h0, w0, *shape)
+        assert (tuple(info.orig_shape), tuple(info.ratio), tuple(info.pad)) == hand
+        (_, _), (rw, rh), (left, top) = hand
+        inside = np.array([left, top, left + rw * w0, top + rh * h0])
+        wh0 = rng.uniform(0.2, 0.5, (len(image_classes), 2)) * [w0, h0]
+        xy0 = rng.uniform(0, 1, (len(image_classes), 2)) * ([w0, h0] - wh0)
+        truth = np.concatenate([xy0, xy0 + wh0], 1)                 # original pixels
+        boxed = truth * [rw, rh, rw, rh] + [left, top, left, top]   # letterboxed pixels
+        dets = []
+        for box, c in zip(boxed, image_classes):
+            if c not in exact_done:  # the class's best detection: exact
+                exact_done.add(c)
+                dets.append([*box, 0.999 - 0.0001 * c, c])
+                continue
+            size = np.tile(box[2:] - box[:2], 2)
+            for _ in range(int(rng.choice([0, 1, 1, 1, 2]))):
+                jitter = rng.normal(0, rng.choice([0.02, 0.05, 0.12]), 4) * size
+                dets.append([*(box + jitter), rng.uniform(0.05, 0.95), c])
+        for _ in range(3):  # background
+            x, y = rng.uniform(inside[:2], inside[2:] - 8)
+            dets.append([x, y, x + 8, y + 8, rng.uniform(0.05, 0.95), rng.integers(0, 2)])
+        dets = np.array(dets)
+        dets[:, [0, 2]] = dets[:, [0, 2]].clip(inside[0], inside[2])
+        dets[:, [1, 3]] = dets[:, [1, 3]].clip(inside[1], inside[3])
+        labels = np.concatenate([image_classes[:, None], boxed], 1)
+        out.append((f'images/{k}.jpg', info, truth, image_classes, labels, dets))
+    return out
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_letterboxed_detections_map_back_to_original_pixels(seed):
+    """Non-square images letterboxed into a 96x64 input. Our AP is computed where the
+    model sees the boxes (letterboxed pixels, ground truth mapped there by hand);
+    pycocotools scores test.py's --save-json rows (mapped back by the letterbox info)
+    against ground truth in original pixels. With each class's best detection exact and
+    25 boxes per class (recall steps of 0.04 sit on its 101-point grid, exactly in
+    floating point too, which steps of 0.1 do not at 0.7), pycocotools' AP
+    is (1 + 100 * continuous AP) / 101 at every IoU threshold; a mapping off by a
+    fraction of a pixel changes the matches at the high thresholds."""
+    from test import _coco_rows
+    images = _letterboxed_eval_set(seed)
+    tp, conf, pred_cls, target_cls, rows = [], [], [], [], []
+    truth = {'images': [], 'annotations': [], 'categories': [{'id': 0}, {'id': 1}]}
+    for path, info, boxes, classes, labels, dets in images:
+        tp.append(match_detections(torch.tensor(dets), torch.tensor(labels), IOU_THRESHOLDS))
+        conf.append(dets[:, 4])
+        pred_cls.append(dets[:, 5])
+        target_cls.append(labels[:, 0])
+        rows += _coco_rows(torch.tensor(dets, dtype=torch.float32), path, info)
+        image_id = int(os.path.splitext(os.path.basename(path))[0])
+        truth['images'].append({'id': image_id, 'height': info.orig_shape[0],
+                                'width': info.orig_shape[1]})
+        for (x1, y1, x2, y2), c in zip(boxes, classes):
+            truth['annotations'].append({'id': len(truth['annotations']) + 1,
+                                         'image_id': image_id, 'category_id': int(c),
+                                         'iscrowd': 0, 'area': (x2 - x1) * (y2 - y1),
+                                         'bbox': [x1, y1, x2 - x1, y2 - y1]})
+    ours = ap_per_class(torch.cat(tp).numpy(), np.concatenate(conf), np.concatenate(pred_cls),
+                        np.concatenate(target_cls)).ap  # (classes, thresholds)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = truth
+        coco_gt.createIndex()
+        evaluation = COCOeval(coco_gt, coco_gt.loadRes(rows), 'bbox')
+        evaluation.evaluate()
+        evaluation.accumulate()
+    # precision (thresholds, recall points, classes, area ranges, max dets): all areas, 100
+    coco = evaluation.eval['precision'][:, :, :, 0, -1].mean(1).T  # (classes, thresholds)
+    assert 0.3 < ours[:, 0].min() and ours[:, -1].max() < 0.9 * ours[:, 0].min()  # not trivial
+    np.testing.assert_allclose(coco, (1 + 100 * ours) / 101, rtol=0, atol=1e-3)
