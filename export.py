@@ -17,16 +17,28 @@ model on one random input (and at batch 2 with --dynamic-batch), and only then r
 The check prints the largest difference as a share of the output scale, max|onnx -
 torch| / max|torch| per output part (decoded boxes and scores, or each raw head); above
 1e-4 the export fails and leaves no file. With no arguments it exports the demo YOLOv3.
+The graph holds the inference-ready model: each BatchNorm folded into its conv.
+
+--int8 also writes <name>-int8.onnx: static quantisation with onnxruntime.quantization,
+QDQ format, int8 per-channel conv weights, uint8 activations whose ranges are the
+min/max over --calibrate-images images spread over the train= list of --data
+(required); the first conv, the head convs and the decode stay float. It prints the
+FP32 and INT8 onnxruntime latency and, when the .data has valid=, the mAP@0.5 of both.
 Needs the optional packages onnx and onnxruntime: pip install -r requirements-onnx.txt
 """
 import argparse
 import os
 import time
 
+import numpy as np
+import torch
+
 from models import Darknet, load_weights
 from utils import demo, onnx_utils
-from utils.datasets import check_img_size
+from utils.datasets import LoadImagesAndLabels, check_img_size, create_dataloader
 from utils.errors import ArgumentParser, UserInputError, run_cli
+from utils.fileio import require_output_dir, require_output_file
+from utils.parse_config import parse_data_cfg, require_data_key
 
 
 def get_args_parser():
@@ -48,6 +60,13 @@ def get_args_parser():
     parser.add_argument('--output', help='the ONNX file to write (.onnx); default: '
                                          '<weights name>.onnx in --output-dir')
     parser.add_argument('--output-dir', default='runs/export', help='folder for the ONNX file')
+    parser.add_argument('--int8', action='store_true',
+                        help='also write <name>-int8.onnx, statically quantised (QDQ, int8 '
+                             'per-channel weights), calibrated on --data train= images')
+    parser.add_argument('--calibrate-images', type=int, default=64, metavar='N',
+                        help='--int8: images of the train= list to calibrate on (default 64)')
+    parser.add_argument('--data', help='--int8: data set description (.data); its train= '
+                                       'images calibrate, its valid= images give the mAP')
     return parser
 
 
@@ -67,6 +86,55 @@ def output_path(args):
     return path
 
 
+def int8_inputs(args, model, img_size):
+    """(calibration images, the .data options) for --int8, read before anything is
+    written; refuses a run without calibration data."""
+    if args.data is None:
+        raise UserInputError('--int8 needs calibration images: pass --data with a train= list '
+                             '(a few dozen images of the deployment domain)')
+    if args.raw_heads:
+        raise UserInputError('--int8 quantises the decoded-detections export; drop --raw-heads')
+    if args.calibrate_images < 1:
+        raise UserInputError(f'--calibrate-images {args.calibrate_images}: use 1 or more')
+    options = parse_data_cfg(args.data)
+    if model.num_classes != options['classes']:
+        raise UserInputError(f'{args.data}: classes={options["classes"]} but {args.cfg} detects '
+                             f'{model.num_classes}; pass the matching .data')
+    dataset = LoadImagesAndLabels(require_data_key(options, 'train', args.data), img_size,
+                                  stride=model.stride, num_classes=options['classes'])
+    count = min(args.calibrate_images, len(dataset))
+    # spread over the list: its order often follows the source (a camera, a day)
+    picks = np.linspace(0, len(dataset) - 1, count).round().astype(int)
+    return [dataset[int(k)][0][None].numpy() for k in picks], options
+
+
+def export_int8(path, args, img_size, images, options):
+    """Write the INT8 file beside `path`; print FP32 vs INT8 latency, and mAP@0.5 of
+    both on the valid= list when the .data has one."""
+    int8_path = path[:-len('.onnx')] + '-int8.onnx'
+    start = time.perf_counter()
+    onnx_utils.quantize_int8(path, int8_path, images)
+    print(f'wrote {int8_path} ({os.path.getsize(int8_path) / 1e6:.2f} MB), calibrated on '
+          f'{len(images)} images of {args.data} train= in {time.perf_counter() - start:.1f} s')
+    result = {'int8_path': int8_path}
+    # interleaved rounds, so a slower moment of the machine hits both files alike
+    rounds = [[onnx_utils.onnx_latency(p, img_size, runs=5) for p in (path, int8_path)]
+              for _ in range(3)]
+    fp32, int8 = (float(np.median(column)) for column in zip(*rounds))
+    print(f'onnxruntime latency, batch 1, {torch.get_num_threads()} threads: FP32 '
+          f'{fp32 * 1e3:.2f} ms, INT8 {int8 * 1e3:.2f} ms ({fp32 / int8:.2f}x faster)')
+    result.update(fp32_latency=fp32, int8_latency=int8)
+    if 'valid' in options:
+        from test import evaluate
+        loader, _ = create_dataloader(options['valid'], img_size, 16, options['classes'])
+        maps = [evaluate(onnx_utils.OnnxModel(p), loader, options['classes'],
+                         progress=False).metrics['map50'] for p in (path, int8_path)]
+        print(f'mAP@0.5 on {args.data} valid=: FP32 {maps[0]:.4f}, INT8 {maps[1]:.4f} '
+              f'({maps[1] - maps[0]:+.4f})')
+        result.update(fp32_map50=maps[0], int8_map50=maps[1])
+    return result
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     onnx_utils.require_onnx()
@@ -79,9 +147,11 @@ def main(argv=None):
         raise UserInputError('--weights is required with --cfg: pass the trained or pruned '
                              '.weights or .pt')
     path = output_path(args)
+    require_output_file(path) if args.output else require_output_dir(args.output_dir)
     model = load_weights(Darknet(args.cfg), args.weights).eval()
     img_size = args.img_size or model.hyperparams.get('width') or 416
     check_img_size(img_size, model.stride)
+    calibration = int8_inputs(args, model, img_size) if args.int8 else None
     start = time.perf_counter()
     try:
         difference = onnx_utils.export_onnx(model, path, img_size, args.dynamic_batch,
@@ -96,7 +166,10 @@ def main(argv=None):
     print(f'onnxruntime vs PyTorch ({batches}): largest difference {difference:.2e} of the '
           f'output scale (limit {onnx_utils.MAX_DIFFERENCE:g})')
     print(f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
-    return {'path': path, 'difference': difference, 'img_size': img_size}
+    result = {'path': path, 'difference': difference, 'img_size': img_size}
+    if calibration is not None:
+        result.update(export_int8(path, args, img_size, *calibration))
+    return result
 
 
 if __name__ == '__main__':

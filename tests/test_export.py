@@ -306,3 +306,43 @@ def test_cli_refusal_is_one_line_without_traceback(files):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ')
     assert 'Traceback' not in result.stderr + result.stdout
+
+
+def _decode_from_metadata(heads, meta):
+    """Raw heads (B, A, H, W, 5+C) -> (B, N, 5+C) with nothing but the file's metadata."""
+    anchors, scales = json.loads(meta['anchors']), json.loads(meta['scale_x_y'])
+    strides, classes = json.loads(meta['strides']), int(meta['classes'])
+    assert len(anchors) == len(scales) == len(strides) == len(heads)
+    out = []
+    for head, pairs, s, stride in zip(heads, anchors, scales, strides):
+        batch, count, ny, nx, no = head.shape
+        assert (count, no) == (len(pairs), 5 + classes)
+        head = head.astype(np.float64)
+        sigmoid = 1 / (1 + np.exp(-head))
+        col, row = np.meshgrid(np.arange(nx), np.arange(ny))
+        pairs = np.array(pairs, np.float64).reshape(1, -1, 1, 1, 2)
+        xy = (sigmoid[..., :2] * s - (s - 1) / 2 + np.stack((col, row), -1)) * stride
+        wh = np.exp(head[..., 2:4]) * pairs
+        out.append(np.concatenate((xy, wh, sigmoid[..., 4:]), -1).reshape(batch, -1, no))
+    return np.concatenate(out, 1)
+
+
+def test_metadata_holds_the_cfgs_anchors_scales_and_classes(tmp_path):
+    """features.cfg's heads, read off its text: the first [yolo] takes mask 3,4,5 of
+    the anchors with scale_x_y=1.1, the second mask 0,1,2 with none (1.0); 2 classes.
+    The metadata alone then decodes the raw heads into the model's decoded output."""
+    model = _model(os.path.join(TEST_CFGS, 'features.cfg'))
+    path = tmp_path / 'model.onnx'
+    export_onnx(model, str(path), IMG, raw_heads=True)
+    session = _session(path)
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta['anchors']) == [[[30, 20], [40, 48], [60, 50]],
+                                           [[6, 8], [12, 10], [16, 24]]]
+    assert json.loads(meta['scale_x_y']) == pytest.approx([1.1, 1.0])
+    assert int(meta['classes']) == 2 and int(meta['img_size']) == IMG
+    x = _input(1, seed=4)
+    heads = session.run(None, {'images': x})
+    assert json.loads(meta['strides']) == [IMG / h.shape[3] for h in heads]
+    with torch.no_grad():
+        decoded = model(torch.from_numpy(x)).numpy()
+    _close(_decode_from_metadata(heads, meta), decoded)

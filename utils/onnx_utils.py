@@ -25,12 +25,15 @@ random input, as a share of the output scale, max|onnx - torch| / max|torch| tak
 output part (the decoded boxes, the decoded scores; or each raw head), the largest
 part reported. Above MAX_DIFFERENCE the export fails and writes nothing.
 """
+import contextlib
 import copy
 import inspect
 import io
 import json
+import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 
@@ -158,13 +161,18 @@ def share_of_scale(ours, theirs):
     return float(diff.max()) / scale if diff.size else 0.0
 
 
-def ort_session(path, threads=None):
+def ort_session(path, threads=None, spinning=True):
     """An onnxruntime CPU session with `threads` intra-op threads (default: torch's
-    count) and one inter-op thread, quiet below errors."""
+    count) and one inter-op thread, quiet below errors. `spinning=False` lets its
+    threads sleep as soon as a run ends, instead of busy-waiting for the next: what a
+    process that also runs other sessions or PyTorch needs, or they take turns slowing
+    each other."""
     _, ort = require_onnx()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     return ort.InferenceSession(os.fspath(path), options, providers=['CPUExecutionProvider'])
@@ -208,8 +216,10 @@ def export_onnx(model, path, img_size, dynamic_batch=False, opset=None, raw_head
         copy.deepcopy(model).cpu()
     subject.eval()
     try:
-        proto = onnx.load_from_string(_export_bytes(subject, img_size, dynamic_batch, opset,
-                                                    raw_heads))
+        # the graph holds the fused model (one conv where there was conv + BN); the check
+        # below holds it against the unfused one, so it covers the fusion too
+        proto = onnx.load_from_string(_export_bytes(subject.fuse(), img_size, dynamic_batch,
+                                                    opset, raw_heads))
         for key, value in _metadata(subject, img_size, raw_heads).items():
             proto.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(proto)
@@ -253,3 +263,150 @@ def onnx_latency(onnx_path, img_size, batch=1, runs=10, warmup=1, threads=None):
         session.run(None, feed)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def model_latency(model, img_size, runs=10, warmup=1, threads=None):
+    """onnxruntime CPU latency (median seconds, batch 1) of `model`'s FP32 export at
+    img_size, or None when onnx or onnxruntime is not installed: what the prune summary
+    reports beside the PyTorch figure. The export is checked as export_onnx checks it and
+    lives in a temporary folder only."""
+    try:
+        require_onnx()
+    except UserInputError:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'model.onnx')
+        export_onnx(model, path, img_size)
+        return onnx_latency(path, img_size, runs=runs, warmup=warmup, threads=threads)
+
+
+# ---------------------------------------------------------------- evaluating a file
+
+class OnnxModel(nn.Module):
+    """An exported file (decoded outputs) that `test.evaluate` runs as it runs a Darknet
+    model: called on a (B, C, S, S) tensor it gives the (B, N, 5+C) detections, through
+    onnxruntime on the CPU. A file exported for batch 1 is run one image at a time.
+    `img_size`, `stride` and `num_classes` come from the file's metadata."""
+
+    def __init__(self, path, threads=None):
+        super().__init__()
+        if not os.path.isfile(path):
+            raise UserInputError(f'{path}: ONNX file not found; check the --weights path')
+        self.path = os.fspath(path)
+        try:
+            self.session = ort_session(path, threads)
+        except Exception as e:  # onnxruntime raises its own exception types, one per cause
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserInputError(f'{path}: onnxruntime cannot load it ({first[:200]})') from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        outputs = [o.name for o in self.session.get_outputs()]
+        if outputs != ['detections'] or not {'img_size', 'classes', 'strides'} <= set(meta):
+            raise UserInputError(f'{path}: not a decoded-detections export of export.py '
+                                 f'(outputs {outputs}); export it again without --raw-heads')
+        self.img_size, self.num_classes = int(meta['img_size']), int(meta['classes'])
+        self.stride = int(max(json.loads(meta['strides'])))
+        batch = self.session.get_inputs()[0].shape[0]
+        self.batch = batch if isinstance(batch, int) else None
+        self.hyperparams = {'width': self.img_size, 'height': self.img_size}
+        # no weights live here; the empty buffer tells evaluate which device to use
+        self.register_buffer('device_marker', torch.zeros(0), persistent=False)
+
+    def _name(self):
+        return self.path
+
+    def forward(self, x):
+        if tuple(x.shape[2:]) != (self.img_size, self.img_size):
+            raise UserInputError(f'{self.path}: exported for {self.img_size}x{self.img_size} '
+                                 f'inputs, given {x.shape[3]}x{x.shape[2]}')
+        images = x.detach().cpu().float().numpy()
+        step = self.batch or len(images)
+        parts = [self.session.run(None, {INPUT_NAME: images[k:k + step]})[0]
+                 for k in range(0, len(images), step)]
+        return torch.from_numpy(np.concatenate(parts)).to(x.device)
+
+
+# ---------------------------------------------------------------- INT8
+
+def _float_nodes(proto):
+    """Names of the nodes kept in float: the first conv, each head conv and the [yolo]
+    decode after it (the reshape of the head onwards). Boxes in pixels and scores in
+    [0, 1] share one output tensor, which one 8-bit scale cannot hold, and 8-bit logits
+    would move every box by exp(step); the head convs are a small share of the MACs. The
+    first conv reads 3 channels, where int8 kernels gain nothing (on the pruned demo
+    YOLOv3 it was the slowest int8 node), and keeping it float held mAP@0.5 within 0.4
+    points of FP32 where quantising it lost 1.4."""
+    consumers = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    start = [node for node in proto.graph.node if node.op_type == 'Reshape'
+             and getattr(producers.get(node.input[0]), 'op_type', None) == 'Conv']
+    first = [node.name for node in proto.graph.node if node.op_type == 'Conv'
+             and node.input[0] == proto.graph.input[0].name]
+    seen, stack = {producers[node.input[0]].name for node in start} | set(first), start
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        for out in node.output:
+            stack += consumers.get(out, [])
+    return sorted(seen)
+
+
+# Quantised op types. Not Pad, Max and Slice: the Darknet maxpool pads with -inf, which
+# no 8-bit range holds; they run in float between the quantised convs.
+INT8_OPS = ['Conv', 'LeakyRelu', 'Add', 'Concat', 'Resize', 'MaxPool']
+CALIBRATION_STEP = 2  # images per calibration slice (it must divide their count)
+
+
+def quantize_int8(fp32_path, int8_path, images):
+    """Statically quantised copy of an exported file: QDQ format, int8 per-channel conv
+    weights, uint8 activations whose ranges come from running `images` (a list of
+    (1, C, S, S) float32 arrays) through the FP32 graph (min/max). The first conv, the
+    head convs and the decode stay float (`_float_nodes`). Written atomically."""
+    onnx, _ = require_onnx()
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        """The images in slices: the calibrator keeps every tensor of the images it is
+        given at once (about 0.5 GB per 416x416 image for YOLOv3), then folds them into
+        its histograms; slices of CALIBRATION_STEP bound that."""
+
+        def __init__(self):
+            self.set_range(0, len(images))
+
+        def __len__(self):
+            return len(images)
+
+        def set_range(self, start_index, end_index):
+            self.feeds = iter([{INPUT_NAME: image} for image in images[start_index:end_index]])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    step = max(k for k in range(1, CALIBRATION_STEP + 1) if len(images) % k == 0)
+    proto = onnx.load(fp32_path)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process: these graphs gain nothing
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, 'int8.onnx')
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+                q.quantize_static(fp32_path, out, Reader(), quant_format=q.QuantFormat.QDQ,
+                                  per_channel=True, activation_type=q.QuantType.QUInt8,
+                                  weight_type=q.QuantType.QInt8,
+                                  calibrate_method=q.CalibrationMethod.MinMax,
+                                  extra_options={'CalibStridedMinMax': step},
+                                  op_types_to_quantize=INT8_OPS,
+                                  nodes_to_exclude=_float_nodes(proto))
+        finally:
+            root.setLevel(level)
+        quantized = onnx.load(out)
+    for prop in proto.metadata_props:  # the evaluator reads the sizes from there
+        quantized.metadata_props.add(key=prop.key, value=prop.value)
+    with atomic_output(int8_path) as f:
+        f.write(quantized.SerializeToString())
+    return int8_path

@@ -109,3 +109,26 @@ def measure_latency(model, img_size, device=None, min_runs=3, max_runs=50, budge
             model(x)
             times.append(time_sync(device) - start)
     return sorted(times)[len(times) // 2]
+
+
+def fused_latency(model, img_size, **kwargs):
+    """measure_latency (same keywords) of the inference-ready copy, BN folded into the
+    convs (`Darknet.fuse`): the PyTorch figure a deployed model gets. `model` is left as
+    it was."""
+    return measure_latency(model.fuse(), img_size, **kwargs)
+
+
+def interleaved_medians(runs, rounds=7, warmup=1):
+    """Median seconds of each zero-argument callable in `runs`, timed one call of each
+    per round, so a slower moment of the machine hits every one alike and their ratios
+    hold: how an original and its pruned copies are compared."""
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    times = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, seconds in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]
