@@ -3,9 +3,14 @@
     python test.py --cfg cfg/yolov3-shapes.cfg --weights weights/yolov3-shapes.pt \
         --data data/shapes.data --img-size 128
 
-With no arguments it evaluates the demo model on the demo data. `evaluate(...)` is the
+    python test.py --weights runs/export/yolov3-shapes.onnx --data data/shapes.data
+
+An exported .onnx file (export.py) is evaluated with onnxruntime, no cfg needed, through
+the same letterbox, NMS and metrics. With no arguments it evaluates the demo model on
+the demo data. `evaluate(...)` is the
 same evaluation for other scripts (train.py after each epoch, the prune scripts).
 """
+import itertools
 import json
 import os
 import time
@@ -20,9 +25,10 @@ from models import Darknet, load_weights
 from utils import demo
 from utils.datasets import create_dataloader
 from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.fileio import atomic_write_text
+from utils.fileio import atomic_write_text, require_output_file
 from utils.metrics import (ap_per_class, match_detections, non_max_suppression,
                            scale_boxes_to_original, xywh2xyxy)
+from utils.onnx_utils import OnnxModel
 from utils.parse_config import load_class_names, parse_data_cfg, require_data_key
 from utils.torch_utils import select_device, time_sync
 
@@ -65,10 +71,14 @@ def _coco_rows(detections, path, info):
 
 def evaluate(model, dataloader, num_classes, conf_thres=0.001, iou_thres=0.5,
              collect_json=False, progress=True):
-    """Run `model` over `dataloader` and score its detections against the labels."""
-    device = next(model.parameters()).device
+    """Run `model` over `dataloader` and score its detections against the labels. A
+    Darknet model is run as its fused copy (BN folded into the convs, as deployed); an
+    `OnnxModel` (an exported file in onnxruntime) goes through the same letterbox, NMS
+    and metrics."""
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     was_training = model.training
     model.eval()
+    net = model.fuse() if isinstance(model, Darknet) else model
     seconds = dict.fromkeys(('model', 'nms', 'matching', 'metrics'), 0.0)
     matched, images_with_class, detections_json = [], np.zeros(num_classes, int), []
     target_classes, images = [], 0
@@ -76,7 +86,7 @@ def evaluate(model, dataloader, num_classes, conf_thres=0.001, iou_thres=0.5,
     for imgs, targets, paths, infos in bar:
         start = time_sync(device)
         with torch.no_grad():
-            predictions = model(imgs.to(device, non_blocking=True))
+            predictions = net(imgs.to(device, non_blocking=True))
         after_model = time_sync(device)
         detections = non_max_suppression(predictions, conf_thres, iou_thres)
         after_nms = time_sync(device)
@@ -128,6 +138,10 @@ def default_img_size(model, img_size=None):
 
 
 def load_model(cfg, weights, device):
+    """The Darknet model of cfg + weights on `device`; or, for weights named .onnx, the
+    exported file run by onnxruntime on the CPU (it needs no cfg)."""
+    if weights and str(weights).endswith('.onnx'):
+        return OnnxModel(weights)
     model = Darknet(cfg)
     if weights:
         load_weights(model, weights)
@@ -137,22 +151,33 @@ def load_model(cfg, weights, device):
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--cfg', help='model definition (.cfg); default: the demo model')
-    parser.add_argument('--weights', help='model weights (.weights or .pt)')
+    parser.add_argument('--weights', help='model weights (.weights or .pt), or an exported '
+                                          '.onnx file (then no --cfg)')
     parser.add_argument('--data', help='data set description (.data); default: the demo set')
     parser.add_argument('--img-size', type=int, help="input side in pixels (default: cfg's width)")
     parser.add_argument('--batch-size', type=int, default=16, help='images per batch')
     parser.add_argument('--conf-thres', type=float, default=0.001, help='score threshold')
-    parser.add_argument('--iou-thres', type=float, default=0.5, help='NMS IoU threshold')
+    # the seed's test.py had --nms-thres for NMS and --iou-thres for matching a detection
+    # to a label; matching here is fixed at IoU 0.5 (mAP@0.5) and 0.5:0.95
+    parser.add_argument('--iou-thres', '--nms-thres', dest='iou_thres', type=float, default=0.5,
+                        help='NMS IoU threshold (--nms-thres is the same flag; unlike the '
+                        "ultralytics-era test.py, --iou-thres is not the matching threshold)")
     parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument('--workers', type=int, default=2, help='data loading processes')
-    parser.add_argument('--save-json', metavar='PATH', help='write COCO-format detections (.json)')
+    parser.add_argument('--save-json', metavar='PATH', nargs='?', const='results.json',
+                        help='write COCO-format detections (.json; with no PATH: '
+                        'results.json). Class ids stay 0-based, not COCO\'s 91-id numbering')
     parser.add_argument('--metrics-json', metavar='PATH', help='write the overall metrics (.json)')
     return parser
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.cfg is None:
+    exported = bool(args.weights) and args.weights.endswith('.onnx')
+    if exported and args.data is None:
+        raise UserInputError(f'--data is required with --weights {args.weights}: pass the '
+                             '.data file to evaluate the ONNX file on')
+    if args.cfg is None and not exported:
         args.cfg = demo.YOLOV3['cfg']
         args.weights = args.weights or demo.require_demo_weights(demo.YOLOV3['weights'])
         args.data = args.data or demo.ensure_demo_data()
@@ -160,20 +185,29 @@ def main(argv=None):
         raise UserInputError('--data is required with --cfg: pass the .data file to evaluate on')
     if args.weights is None:
         raise UserInputError('--weights is required with --cfg: pass the trained .weights/.pt')
-    inputs = {os.path.abspath(p) for p in (args.cfg, args.weights, args.data)}
+    inputs = {os.path.abspath(p) for p in (args.cfg, args.weights, args.data) if p}
     for flag, path in (('--save-json', args.save_json), ('--metrics-json', args.metrics_json)):
         if path and os.path.abspath(path) in inputs:
             raise UserInputError(f'{flag} {path}: would overwrite an input file; choose '
                                  'another name')
+        if path:
+            require_output_file(path, flag)
     device = select_device(args.device)
     options = parse_data_cfg(args.data)
     model = load_model(args.cfg, args.weights, device)
     if model.num_classes != options['classes']:
-        raise UserInputError(f'{args.data}: classes={options["classes"]} but {args.cfg} '
-                             f'detects {model.num_classes}; pass the matching .data or cfg')
+        raise UserInputError(f'{args.data}: classes={options["classes"]} but '
+                             f'{args.cfg or args.weights} detects {model.num_classes}; pass '
+                             'the matching .data or cfg')
     img_size = default_img_size(model, args.img_size)
+    if exported and img_size != model.img_size:
+        raise UserInputError(f'--img-size {img_size}: {args.weights} was exported for '
+                             f'{model.img_size}x{model.img_size} inputs; drop --img-size or '
+                             'export again with it')
+    # an exported graph has one fixed square input: its images are letterboxed to it,
+    # where a Darknet model gets rectangular batches
     loader, _ = create_dataloader(require_data_key(options, 'valid', args.data), img_size,
-                                  args.batch_size, options['classes'], rect=True,
+                                  args.batch_size, options['classes'], rect=not exported,
                                   workers=args.workers, stride=model.stride)
     names = load_class_names(options['names']) if 'names' in options else None
     result = evaluate(model, loader, options['classes'], args.conf_thres, args.iou_thres,

@@ -9,7 +9,15 @@ their gradients once per optimizer step. Several processes:
 `torchrun --nproc_per_node=2 train.py ... --sparsity 0.001` (gloo on CPU, nccl on CUDA;
 torchrun refuses the short --s); rank 0 evaluates and saves. Each epoch writes last.pt
 (and best.pt, by mAP@0.5) and a row of results.csv; the run ends with a histogram of the
-prunable gammas. --resume continues a stopped run.
+prunable gammas. --resume continues a stopped run; a fresh run into a folder that holds
+another run's last.pt/best.pt is refused unless --exist-ok says to replace it.
+
+--weights may come from another cfg (transfer learning): every conv whose shapes fit
+--cfg is loaded, the rest (the heads, for another class count) re-initialised, and one
+line says which. A Darknet file's layout is inferred (this cfg with another classes=,
+or its first layers as `darknet partial` cuts them) or given by --weights-cfg:
+
+    python train.py --cfg cfg/yolov3-hand.cfg --data data/hand.data --weights yolov3.weights
 
 Fine-tuning a pruned model is training from its files, optionally taught by the model
 it was pruned from (knowledge distillation, `utils/distill.py`):
@@ -32,13 +40,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models import Darknet, load_weights, torch_load
+from models import Darknet, init_head_biases, transfer_weights, torch_load
 from test import default_img_size, evaluate
 from utils import demo
 from utils.datasets import create_dataloader
 from utils.distill import distillation_loss, load_teacher
 from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.fileio import atomic_output, atomic_write_text
+from utils.fileio import atomic_output, atomic_write_text, output_lock, require_output_dir
 from utils.loss import compute_loss
 from utils.parse_config import parse_data_cfg, require_data_key
 from utils.prune_utils import (SPARSITY_MODES, add_sparsity_gradient, prunable_bn_modules,
@@ -97,6 +105,13 @@ def load_resume_checkpoint(path):
         raise UserInputError(f'{path}: nothing to resume (no last.pt); start without --resume '
                              'or pass the --output-dir of the stopped run')
     checkpoint = torch_load(path, 'start the run again without --resume')
+    if isinstance(checkpoint, dict) and {'model', 'optimizer'} <= set(checkpoint) \
+            and 'cfg' not in checkpoint:
+        # the ultralytics-era trainer (the seed project) saved no cfg and orders its
+        # optimizer's parameter groups otherwise: its weights load, its run does not go on
+        raise UserInputError(f'{path}: a checkpoint of the ultralytics-era train.py, which '
+                             'this one cannot resume; start a new run from its weights: '
+                             f'--weights {path} --output-dir <another folder>')
     if not isinstance(checkpoint, dict) or not {'epoch', 'model', 'optimizer', 'cfg'} <= set(checkpoint):
         raise UserInputError(f'{path}: not a train.py checkpoint; cannot resume from it')
     return checkpoint
@@ -181,27 +196,22 @@ def build_model(args, device, checkpoint):
         model.load_state_dict(checkpoint['model'])
     else:
         model = Darknet(args.cfg)
-        if args.cutoff is not None or not args.weights:
-            init_head_biases(model, args.img_size or model.hyperparams.get('width') or 416)
-        if args.weights:
-            load_weights(model, args.weights, args.cutoff)
+        img_size = args.img_size or model.hyperparams.get('width') or 416
+        if args.weights:  # transfer: the convs that fit, the rest fresh (heads: priors)
+            summary = transfer_weights(model, args.weights, args.cutoff, args.weights_cfg,
+                                       img_size)
+            if int(os.environ.get('RANK', 0)) == 0:
+                print(summary)
+        else:
+            init_head_biases(model, img_size)
     return model.to(device)
 
 
-def init_head_biases(model, img_size, objects_per_image=8):
-    """Start every head near the data's priors: about `objects_per_image` positives per
-    image in objectness, every class equally likely. Untrained heads output 0.5 for
-    every cell; the gradient that pushes a whole image's cells down at once otherwise
-    drives deep models into predicting nothing for many epochs."""
-    with torch.no_grad():
-        for i, layer in enumerate(model.module_defs):
-            if layer['type'] != 'yolo':
-                continue
-            head = model.module_list[i]
-            bias = model.module_list[i - 1].Conv2d.bias.view(head.num_anchors, -1)
-            cells = (img_size / model.layer_strides[i]) ** 2  # of this head, per anchor
-            bias[:, 4] = math.log(objects_per_image / cells)
-            bias[:, 5:] = math.log(0.6 / max(head.num_classes - 0.99, 0.01))
+def frozen_parameters(model, layers, epoch, epochs):
+    """Parameters of layers 0..`layers`-1 while `epoch` < `epochs` (--freeze), else []."""
+    if not layers or epoch >= epochs:
+        return []
+    return [p for module in model.module_list[:layers] for p in module.parameters()]
 
 
 def train(args):
@@ -252,6 +262,8 @@ def train(args):
                                  'raise --epochs to train longer')
         if main_process:
             trim_results(results, start_epoch)
+    elif main_process:  # a fresh run (--exist-ok) starts its own results.csv
+        trim_results(results, 0)
     net = DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = math.ceil(len(loader) / args.accumulate)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
@@ -311,6 +323,10 @@ def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
               steps_per_epoch, warmup_steps, world, device, main_process, teacher=None):
     """One pass over the training data; returns the mean losses and the last lr."""
     net.train()
+    frozen = frozen_parameters(model, args.freeze, epoch, args.freeze_epochs)
+    if frozen:  # frozen layers keep their BatchNorm statistics too
+        for module in model.module_list[:args.freeze]:
+            module.eval()
     loader.sampler.set_epoch(epoch)
     totals, batches, start = torch.zeros(5), 0, time.time()  # box obj cls distill total
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False,
@@ -341,6 +357,8 @@ def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
         if (i + 1) % args.accumulate == 0 or i + 1 == len(loader):
             if args.sr:
                 add_sparsity_gradient(bn_modules, args.s)
+            for p in frozen:  # the optimizer skips a parameter without a gradient
+                p.grad = None
             optimizer.step()
             optimizer.zero_grad()
         items = items.detach().cpu()
@@ -373,8 +391,16 @@ def get_args_parser():
     parser.add_argument('--cfg', help='model definition (.cfg); default: the demo YOLOv3')
     parser.add_argument('--data', help='data set description (.data); default: the demo set')
     parser.add_argument('--weights', help='initial weights (.weights, .pt or a backbone file)')
-    parser.add_argument('--cutoff', type=int, help='load only layers 0..N-1 of --weights '
-                        '(darknet53.conv.74: 75, yolov3-tiny.conv.15: 16)')
+    parser.add_argument('--cutoff', type=int, help='load only layers 0..N-1 of --weights, a '
+                        'backbone file or a longer one (the N of darknet53.conv.74, '
+                        'yolov3-tiny.conv.15)')
+    parser.add_argument('--weights-cfg', metavar='CFG', help='the cfg a Darknet --weights file '
+                        'was trained with, when its layout cannot be inferred (transfer '
+                        'learning loads every conv that fits --cfg)')
+    parser.add_argument('--freeze', type=int, default=0, metavar='N',
+                        help='keep layers 0..N-1 fixed (weights and BN statistics) for the '
+                        'first --freeze-epochs epochs')
+    parser.add_argument('--freeze-epochs', type=int, default=1, metavar='E')
     parser.add_argument('--epochs', type=int, default=30)
     parser.add_argument('--batch-size', type=int, default=16, help='images per step and process')
     parser.add_argument('--accumulate', type=int, default=1, help='batches per optimizer step')
@@ -392,6 +418,8 @@ def get_args_parser():
     parser.add_argument('--workers', type=int, default=2, help='data loading processes')
     parser.add_argument('--output-dir', default='runs/train', help='folder for checkpoints and logs')
     parser.add_argument('--resume', action='store_true', help='continue from --output-dir/last.pt')
+    parser.add_argument('--exist-ok', action='store_true', help='start a fresh run in an '
+                        '--output-dir that holds another run, replacing its files')
     parser.add_argument('-sr', '--sr', action='store_true', help='sparsity training on BN gammas')
     # torchrun's own parser takes a bare --s for an ambiguous prefix of its options
     parser.add_argument('--s', '--sparsity', dest='s', type=float, default=0.001,
@@ -425,12 +453,31 @@ def check_args(args):
             os.path.abspath(os.path.join(args.output_dir, n)) for n in ('last.pt', 'best.pt')}:
         raise UserInputError(f'--weights {args.weights} would be overwritten by this run; '
                              'copy it elsewhere or choose another --output-dir')
+    check_transfer_args(args)
+
+
+def check_transfer_args(args):
+    """--weights-cfg/--cutoff/--freeze make sense together, and a fresh run never
+    replaces another run's checkpoints unasked."""
+    if (args.weights_cfg or args.cutoff is not None) and not args.weights:
+        raise UserInputError('--weights-cfg and --cutoff describe --weights: pass the '
+                             'weights file too')
+    if args.freeze < 0 or args.freeze_epochs < 0:
+        raise UserInputError('--freeze and --freeze-epochs must be >= 0')
+    taken = [n for n in ('last.pt', 'best.pt') if os.path.isfile(os.path.join(args.output_dir, n))]
+    if taken and not (args.resume or args.exist_ok):
+        raise UserInputError(f'{args.output_dir}: holds another run ({", ".join(taken)}); '
+                             'continue it with --resume, replace it with --exist-ok, or '
+                             'choose another --output-dir')
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
-    return train(args)
+    require_output_dir(args.output_dir)
+    # one run per folder; under torchrun only rank 0 writes, so only it takes the lock
+    with output_lock(args.output_dir, enabled=os.environ.get('RANK', '0') == '0'):
+        return train(args)
 
 
 if __name__ == '__main__':

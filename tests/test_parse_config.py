@@ -71,7 +71,6 @@ def test_comments_and_whitespace_are_tolerated(tmp_path):
      ['is not a "[section]" or "key=value" line']),
     (CONV.format(f=14) + 'dilation=2\n' + HEAD.format(f=14), 11,
      ['dilated convolutions are not supported']),
-    (CONV.format(f=14) + 'filters=16\n' + HEAD.format(f=14), 11, ["'filters' is set twice"]),
     (CONV.format(f=14).replace('leaky', 'tanh') + HEAD.format(f=14), 10,
      ["activation 'tanh' is not supported", 'use one of']),
     (CONV.format(f=14) + '[yolo\nmask=0\n', 11, ['has no closing "]"']),

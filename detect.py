@@ -1,0 +1,243 @@
+"""Detect objects in images or videos and draw them: any model, pruned or not.
+
+    python detect.py --cfg cfg/yolov3-shapes.cfg --weights weights/yolov3-shapes.pt \
+        --data data/shapes.data --source data/shapes/images/valid --save-txt
+
+    python detect.py --cfg cfg/yolov3-shapes.cfg --weights weights/yolov3-shapes.pt \
+        --compare runs/prune/m-shortcut-0.5.cfg runs/prune/m-shortcut-0.5.weights \
+        --data data/shapes.data --source 'data/shapes/images/valid/00*.jpg'
+
+--source takes an image, a folder, a glob, a .txt list of paths or a video file.
+Annotated copies (same names) go to --output-dir, labels ('class cx cy w h') with
+--save-txt to its labels/ folder. --compare runs a second model (the pruned one) on
+each image and writes the two results side by side, each titled with its latency.
+With no arguments it runs the sparse demo YOLOv3 and a copy pruned in memory (shortcut
+mode, 50%) side by side on a few demo validation images.
+"""
+import os
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from models import Darknet, load_weights
+from utils import demo
+from utils.datasets import check_img_size
+from utils.detect_utils import (Detector, draw, find_sources, is_video_file, label_lines,
+                                read_image, side_by_side)
+from utils.errors import ArgumentParser, UserInputError, run_cli
+from utils.fileio import atomic_output, atomic_write_text, require_output_dir
+from utils.parse_config import load_class_names, parse_data_cfg
+from utils.torch_utils import select_device
+
+DEMO_IMAGES = 4
+
+
+def load_model(cfg, weights, device):
+    if not weights:
+        raise UserInputError(f'--cfg {cfg} needs its --weights (.weights or .pt)')
+    return load_weights(Darknet(cfg), weights).to(device).eval()
+
+
+def demo_models(device):
+    """The sparse demo YOLOv3 and a copy pruned in memory as prune_shortcut.py prunes by
+    default (without the BatchNorm recalibration)."""
+    from utils.prune_cli import (DEFAULT_COST, DEFAULT_CRITERION, DEFAULT_MAX_LAYER_PRUNE,
+                                 DEFAULT_ROUND_TO)
+    from utils.prune_utils import plan_masks, prune, rank_channels
+    model = load_model(demo.YOLOV3['cfg'], demo.require_demo_weights(
+        demo.YOLOV3['sparse_weights']), device)
+    ranking = rank_channels(model, 'shortcut', DEFAULT_CRITERION, DEFAULT_COST)
+    plan = plan_masks(model, 'shortcut', 0.5, 1 - DEFAULT_MAX_LAYER_PRUNE, DEFAULT_ROUND_TO,
+                      ranking=ranking)
+    _, compact = prune(model, plan)
+    return model, compact.to(device).eval()
+
+
+def class_names(args, num_classes):
+    """Names from --names or --data's names=, checked against the model's classes."""
+    path = args.names
+    if path is None and args.data:
+        options = parse_data_cfg(args.data)
+        path = options.get('names')
+    if path is None:
+        return None
+    names = load_class_names(path)
+    if len(names) != num_classes:
+        raise UserInputError(f'{path}: {len(names)} class names but the model detects '
+                             f'{num_classes} classes; pass the names file of this model')
+    return names
+
+
+def output_paths(sources, output_dir):
+    """One output path per input, same file name (a repeated name gets _2, _3, ...);
+    refuses any that would land on an input."""
+    inputs = {os.path.abspath(p) for p in sources}
+    outputs, used = [], set()
+    for path in sources:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        ext = '.mp4' if is_video_file(path) else ext
+        name, n = stem + ext, 1
+        while name in used:
+            n += 1
+            name = f'{stem}_{n}{ext}'
+        used.add(name)
+        out = os.path.join(output_dir, name)
+        if os.path.abspath(out) in inputs:
+            raise UserInputError(f'--output-dir {output_dir}: would overwrite the input {path}; '
+                                 'choose another --output-dir')
+        outputs.append(out)
+    return outputs
+
+
+def annotate(detectors, frame, names):
+    """(drawn frame, detections of the first model): one model's drawing, or each
+    model's side by side, titled with its latency."""
+    results = [detector(frame) for detector in detectors]
+    if len(detectors) == 1:
+        return draw(frame, results[0][0], names), results[0][0]
+    panels = [draw(frame, found, names, f'{d.name}: {ms:.1f} ms')
+              for d, (found, ms) in zip(detectors, results)]
+    return side_by_side(*panels), results[0][0]
+
+
+def write_image(path, image):
+    ok, encoded = cv2.imencode(os.path.splitext(path)[1] or '.jpg', image)
+    if not ok:
+        raise UserInputError(f'{path}: OpenCV cannot encode this image type; use .jpg or .png')
+    with atomic_output(path) as f:
+        f.write(encoded.tobytes())
+
+
+def detect_video(path, out, detectors, names, bar):
+    """Annotate every frame of a video into `out` (mp4); returns the frame count."""
+    capture = cv2.VideoCapture(path)
+    ok, frame = capture.read() if capture.isOpened() else (False, None)
+    if not ok:
+        raise UserInputError(f'{path}: cannot read it as a video (OpenCV could not open or '
+                             'decode it); pass a readable video file')
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25
+    frames, writer = 0, None
+    # VideoWriter writes by name and picks the container by the name's extension: it
+    # fills a hidden .mp4 beside `out`, which goes into place through atomic_output once
+    # complete (encoding outside it keeps Ctrl-C immediate)
+    video = os.path.join(os.path.dirname(os.path.abspath(out)),
+                         f'.{os.path.basename(out)}.tmp{os.getpid()}.mp4')
+    try:
+        while ok:
+            drawn, _ = annotate(detectors, frame, names)
+            if writer is None:
+                writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*'mp4v'), fps,
+                                         (drawn.shape[1], drawn.shape[0]))
+                if not writer.isOpened():
+                    raise UserInputError(f'{out}: OpenCV cannot write an mp4 video here (no '
+                                         'mp4v encoder); install opencv-python')
+            writer.write(drawn)
+            frames += 1
+            bar.set_postfix(frame=frames, ms=f'{detectors[0].times[-1]:.1f}')
+            ok, frame = capture.read()
+        writer.release()
+        with atomic_output(out) as f:
+            os.replace(video, f.name)
+    finally:
+        capture.release()
+        if os.path.exists(video):
+            os.remove(video)
+    return frames
+
+
+def get_args_parser():
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--cfg', help='model definition (.cfg); default: the sparse demo '
+                        'YOLOv3, compared with a copy pruned in memory')
+    parser.add_argument('--weights', help='model weights (.weights or .pt)')
+    parser.add_argument('--source', help='image, folder, glob, .txt list or video file')
+    parser.add_argument('--compare', nargs=2, metavar=('CFG', 'WEIGHTS'),
+                        help='a second model (e.g. the pruned one), drawn beside the first')
+    parser.add_argument('--data', help='data set description (.data) whose names= file '
+                        'gives the class names')
+    parser.add_argument('--names', help='class names, one per line (.names); overrides --data')
+    parser.add_argument('--img-size', type=int, help="input side in pixels (default: cfg's width)")
+    parser.add_argument('--conf-thres', type=float, default=0.25, help='score threshold')
+    parser.add_argument('--iou-thres', '--nms-thres', dest='iou_thres', type=float,
+                        default=0.45, help='NMS IoU threshold')
+    parser.add_argument('--output-dir', '--output', dest='output_dir', default='runs/detect',
+                        help='folder for the annotated images and videos')
+    parser.add_argument('--save-txt', action='store_true',
+                        help="also write Darknet labels ('class cx cy w h') to OUTPUT-DIR/labels")
+    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
+    return parser
+
+
+def setup(args, device):
+    """(detectors, names, sources) for the arguments; the demo when --cfg is absent."""
+    if args.cfg is None:
+        first, second = demo_models(device)
+        titles = ('sparse demo YOLOv3', 'pruned 50% (shortcut)')
+        args.data = args.data or demo.ensure_demo_data()
+        if args.source is None:
+            args.source = parse_data_cfg(args.data)['valid']  # a .txt list
+            sources = find_sources(args.source)[:DEMO_IMAGES]
+        else:
+            sources = find_sources(args.source)
+        args.img_size = args.img_size or demo.IMG_SIZE
+    else:
+        if args.source is None:
+            raise UserInputError('--source is required with --cfg: an image, folder, glob, '
+                                 '.txt list or video file')
+        sources = find_sources(args.source)
+        first = load_model(args.cfg, args.weights, device)
+        second = load_model(*args.compare, device) if args.compare else None
+        titles = (os.path.basename(args.cfg), os.path.basename(args.compare[0])
+                  if args.compare else '')
+    names = class_names(args, first.num_classes)
+    if second is not None and second.num_classes != first.num_classes:
+        raise UserInputError(f'--compare {args.compare[0]}: detects {second.num_classes} '
+                             f'classes, the first model {first.num_classes}; compare models '
+                             'of one data set')
+    detectors = []
+    for model, title in zip((first, second), titles):
+        if model is None:
+            continue
+        img_size = args.img_size or model.hyperparams.get('width') or 416
+        check_img_size(img_size, model.stride)
+        # BatchNorm folded into the convs: the inference-ready model (Darknet.fuse)
+        detectors.append(Detector(model.fuse(), img_size, args.conf_thres, args.iou_thres,
+                                  title))
+    return detectors, names, sources
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = select_device(args.device)
+    require_output_dir(args.output_dir)
+    detectors, names, sources = setup(args, device)
+    outputs = output_paths(sources, args.output_dir)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.save_txt:
+        os.makedirs(os.path.join(args.output_dir, 'labels'), exist_ok=True)
+    bar = tqdm(list(zip(sources, outputs)), desc='detecting', unit='file')
+    counts = {'images': 0, 'frames': 0, 'boxes': 0}
+    for path, out in bar:
+        if is_video_file(path):
+            counts['frames'] += detect_video(path, out, detectors, names, bar)
+            continue
+        frame = read_image(path)
+        drawn, found = annotate(detectors, frame, names)
+        write_image(out, drawn)
+        if args.save_txt:
+            stem = os.path.splitext(os.path.basename(out))[0]
+            atomic_write_text(os.path.join(args.output_dir, 'labels', stem + '.txt'),
+                              label_lines(found, frame.shape))
+        counts['images'] += 1
+        counts['boxes'] += len(found)
+        bar.set_postfix(boxes=len(found), ms=f'{detectors[0].times[-1]:.1f}')
+    timing = ', '.join(f'{d.name or "model"} {np.median(d.times):.1f} ms' for d in detectors)
+    print(f'{counts["images"]} image(s), {counts["frames"]} video frame(s), '
+          f'{counts["boxes"]} box(es) in the images; median per image: {timing}; '
+          f'wrote {args.output_dir}')
+    return {'outputs': outputs, 'detectors': detectors, **counts}
+
+
+if __name__ == '__main__':
+    run_cli(main)
