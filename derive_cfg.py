@@ -14,6 +14,7 @@ import copy
 import os
 
 from utils.errors import ArgumentParser, UserInputError, run_cli
+from utils.fileio import require_output_file
 from utils.parse_config import parse_model_cfg, write_cfg
 
 
@@ -68,6 +69,7 @@ def main(argv=None):
         raise UserInputError(f'--width {args.width}: must be positive')
     if os.path.abspath(args.output) == os.path.abspath(args.cfg):
         raise UserInputError(f'--output {args.output} is the input cfg; choose another name')
+    require_output_file(args.output)
     hyperparams, layers = derive_cfg(*parse_model_cfg(args.cfg), args.classes, args.width,
                                      args.img_size, args.divisor)
     from models import Darknet  # the derived cfg must build

@@ -16,6 +16,7 @@ last '\\r' of each line counts.
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -180,8 +181,12 @@ C, W, P = '{d}/good.cfg', '{d}/good.weights', '{d}/good.pt'
 DATA = '{data}'
 
 
-def case(script, args, needles, subprocess=False, id=None):
-    return pytest.param(script, args, needles, subprocess, id=id)
+def case(script, args, needles, subprocess=False, id=None, marks=()):
+    return pytest.param(script, args, needles, subprocess, id=id, marks=marks)
+
+
+# /sys refuses every mkdir, even root's: the one "no permission" case a root test can see
+NO_SYS = pytest.mark.skipif(not os.path.isdir('/sys/kernel'), reason='no Linux /sys here')
 
 
 TRAIN = ['--epochs', '1', '--batch-size', '2', '--img-size', '64']
@@ -318,7 +323,8 @@ CASES = [
     case('prune_shortcut.py', ['--cfg', C, '--weights', '{d}/garbage.pt'],
          ['{d}/garbage.pt: not a readable PyTorch checkpoint', 'pass a .pt saved by train.py'],
          subprocess=True, id='shortcut-garbage-pt'),
-    case('prune_shortcut.py', ['--cfg', C, '--weights', P, '--percent', '{past_safe}'],
+    case('prune_shortcut.py', ['--cfg', C, '--weights', P, '--percent', '{past_safe}',
+                               '--criterion', 'gamma'],
          ['--percent {past_safe} would empty a layer: the largest safe percent for this model '
           'and mode is {safe:.4f}', 'pass --layer-keep F'], id='shortcut-past-safe-limit'),
     case('prune_shortcut.py', ['--cfg', C, '--weights', '{d}/header_only.weights'],
@@ -344,32 +350,90 @@ CASES = [
     case('prune_tiny.py', ['--cfg', C, '--weights', W, '--img-size', '36'],
          ['--img-size 36 is not a multiple of the model stride 8', 'use 32 or 40'],
          id='tiny-img-size-off-stride'),
+
+    # ---- output locations, checked before any work (every script that writes)
+    case('train.py', ['--cfg', C, '--data', DATA, '--output-dir', '{d}/good.cfg'],
+         ['--output-dir {d}/good.cfg: is a file, not a folder', 'choose another --output-dir'],
+         id='train-output-dir-is-a-file'),
+    case('train.py', ['--cfg', C, '--data', DATA, '--output-dir', '{d}/good.cfg/run'],
+         ['--output-dir {d}/good.cfg/run: {d}/good.cfg is a file, not a folder'],
+         subprocess=True, id='train-output-dir-under-a-file'),
+    case('train.py', ['--cfg', C, '--data', DATA, '--output-dir', '/sys/yolo-catalogue/run'],
+         ['--output-dir /sys/yolo-catalogue/run: cannot create folders in /sys',
+          'choose a folder you can write to'], id='train-output-dir-not-permitted',
+         marks=NO_SYS),
+    case('test.py', ['--cfg', C, '--weights', W, '--data', DATA, '--save-json',
+                     '{d}/good.cfg/detections.json'],
+         ['--save-json {d}/good.cfg/detections.json: {d}/good.cfg is a file'],
+         id='test-save-json-under-a-file'),
+    case('test.py', ['--cfg', C, '--weights', W, '--data', DATA, '--metrics-json',
+                     '{d}/weights_folder.weights'],
+         ['--metrics-json {d}/weights_folder.weights: is a folder; pass a file name'],
+         id='test-metrics-json-is-a-folder'),
+    case('prune_normal.py', ['--cfg', C, '--weights', W, '--output-dir', '{d}/good.weights'],
+         ['--output-dir {d}/good.weights: is a file, not a folder'],
+         id='normal-output-dir-is-a-file'),
+    case('prune_regular.py', ['--cfg', C, '--weights', W, '--output-dir',
+                              '{d}/good.weights/pruned'],
+         ['{d}/good.weights is a file, not a folder'],
+         id='regular-output-dir-under-a-file'),
+    case('prune_shortcut.py', ['--cfg', C, '--weights', W, '--output-dir', '/sys/yolo-catalogue'],
+         ['--output-dir /sys/yolo-catalogue: cannot create folders in /sys'],
+         id='shortcut-output-dir-not-permitted', marks=NO_SYS),
+    case('prune_tiny.py', ['--cfg', C, '--weights', W, '--output-dir', '{d}/good.cfg'],
+         ['--output-dir {d}/good.cfg: is a file, not a folder'], subprocess=True,
+         id='tiny-output-dir-is-a-file'),
+    case('prune_layer.py', ['--cfg', '{d}/other.cfg', '--weights', '{d}/other_model.weights',
+                            '--output-dir', '{d}/good.cfg/layers'],
+         ['--output-dir {d}/good.cfg/layers: {d}/good.cfg is a file'],
+         id='layer-output-dir-under-a-file'),
+    case('export.py', ['--cfg', C, '--weights', W, '--output-dir', '{d}/good.cfg'],
+         ['--output-dir {d}/good.cfg: is a file, not a folder'], id='export-output-dir-is-a-file'),
+    case('export.py', ['--cfg', C, '--weights', W, '--output', '{d}/good.cfg/model.onnx'],
+         ['--output {d}/good.cfg/model.onnx: {d}/good.cfg is a file'],
+         subprocess=True, id='export-output-under-a-file'),
+    case('convert_weights.py', ['--cfg', C, '--weights', W, '--output', '{d}/good.weights/m.pt'],
+         ['--output {d}/good.weights/m.pt: {d}/good.weights is a file'],
+         id='convert-output-under-a-file'),
+    case('convert_weights.py', ['--cfg', C, '--weights', W, '--output',
+                                '{d}/weights_folder.weights'],
+         ['--output {d}/weights_folder.weights: is a folder'], id='convert-output-is-a-folder'),
+    case('derive_cfg.py', ['--cfg', C, '--classes', '2', '--output', '{d}/good.cfg/two.cfg'],
+         ['--output {d}/good.cfg/two.cfg: {d}/good.cfg is a file'], subprocess=True,
+         id='derive-output-under-a-file'),
 ]
 
 
 # ---------------------------------------------------------------- running a case
 
+# the scripts that read a data set, and so take --workers
+LOADING_SCRIPTS = ('train.py', 'test.py', 'prune_normal.py', 'prune_regular.py',
+                   'prune_shortcut.py', 'prune_tiny.py', 'prune_layer.py')
+
+
 def _entry(script):
     """The function `python <script>` hands to run_cli."""
-    if script == 'train.py':
-        import train
-        return train.main
+    import importlib
     if script == 'test.py':
         import test
         assert os.path.dirname(os.path.abspath(test.__file__)) == ROOT  # not Python's own
         return test.main
-    from utils.prune_cli import main
-    mode = script[len('prune_'):-len('.py')]
-    return lambda argv: main(mode, argv)
+    if script.startswith('prune_') and script != 'prune_layer.py':
+        from utils.prune_cli import main
+        mode = script[len('prune_'):-len('.py')]
+        return lambda argv: main(mode, argv)
+    module = 'utils.layer_prune' if script == 'prune_layer.py' else script[:-len('.py')]
+    return importlib.import_module(module).main
 
 
 def _outputs(script, args, out):
     """Flags that send every output of `script` into `out`, unless the case sets them."""
     if script == 'test.py':
-        extra = ['--save-json', f'{out}/detections.json']
-        return extra + ([] if '--metrics-json' in args else ['--metrics-json',
-                                                            f'{out}/metrics.json'])
-    return [] if '--output-dir' in args else ['--output-dir', f'{out}/run']
+        return [flag for name in ('save-json', 'metrics-json') if f'--{name}' not in args
+                for flag in (f'--{name}', f'{out}/{name}.json')]
+    if script in ('convert_weights.py', 'derive_cfg.py'):  # each case names its --output
+        return []
+    return [] if {'--output-dir', '--output'} & set(args) else ['--output-dir', f'{out}/run']
 
 
 def _run(script, argv, in_subprocess, capfd):
@@ -401,7 +465,8 @@ def test_bad_input_is_refused_cleanly(inputs, tmp_path, capfd, script, args, nee
     values = {'d': d, 'o': out, 'data': inputs['data'], 'cfg': f'{d}/good.cfg',
               'safe': inputs['safe'], 'past_safe': inputs['past_safe'], **inputs['lines']}
     argv = [a.format(**values) for a in args] + _outputs(script, args, out)
-    if script != 'test.py' or not in_subprocess:  # the subprocess keeps the default workers
+    # the test.py subprocess keeps the default workers
+    if script in LOADING_SCRIPTS and (script != 'test.py' or not in_subprocess):
         argv += ['--workers', '0']
     if script == 'train.py':  # one short epoch, unless the case sets these flags itself
         for flag, value in zip(TRAIN[::2], TRAIN[1::2]):
@@ -444,3 +509,161 @@ def test_unreadable_cfg_is_refused_cleanly(tmp_path, capfd):
     lines = visible_lines(stderr)
     assert code == 2 and len(lines) == 1 and f'{cfg}: cannot read' in lines[0]
     assert 'Traceback' not in stdout + stderr
+
+
+# ---------------------------------------------------------------- failed writes
+
+# Runs `python SCRIPT ARGS` with every file it writes capped at LIMIT bytes: the write
+# past it fails with EFBIG, as a full disk fails with ENOSPC, through the same code.
+# SIGXFSZ would kill the process instead; ignored, it stays ignored across exec.
+LIMITED = '''
+import os, resource, signal, sys
+limit, script = int(sys.argv[1]), sys.argv[2]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+os.execv(sys.executable, [sys.executable, script, *sys.argv[3:]])
+'''
+
+
+def _run_limited(script, argv, limit):
+    result = subprocess.run([sys.executable, '-c', LIMITED, str(limit),
+                             os.path.join(ROOT, script), *argv], cwd=ROOT, capture_output=True,
+                            timeout=180, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    return result.returncode, result.stdout.decode(errors='replace'), \
+        result.stderr.decode(errors='replace')
+
+
+FULL = 'is larger than this file system or the file-size limit (ulimit -f) allows'
+WRITES = [  # script, args, the file whose write fails, byte limit
+    pytest.param('prune_normal.py', ['--cfg', C, '--weights', W, '--output-dir', '{o}'],
+                 'good-normal-0.5.weights', 20000, id='prune-weights'),
+    pytest.param('convert_weights.py', ['--cfg', C, '--weights', W, '--output', '{o}/m.pt'],
+                 'm.pt', 20000, id='convert-pt'),
+    pytest.param('derive_cfg.py', ['--cfg', C, '--classes', '2', '--output', '{o}/two.cfg'],
+                 'two.cfg', 200, id='derive-cfg'),
+    pytest.param('test.py', ['--cfg', C, '--weights', W, '--data', DATA, '--workers', '0',
+                             '--img-size', '64', '--metrics-json', '{o}/metrics.json'],
+                 'metrics.json', 40, id='test-json'),
+    pytest.param('export.py', ['--cfg', C, '--weights', W, '--output', '{o}/m.onnx'],
+                 'm.onnx', 20000, id='export-onnx'),
+]
+
+
+@pytest.mark.parametrize('script, args, name, limit', WRITES)
+def test_a_write_that_fails_part_way_keeps_the_old_file(inputs, tmp_path, script, args, name,
+                                                        limit):
+    """The previous version of the output survives byte for byte, no temporary file is
+    left, and the run ends with one line that names the file and the cause."""
+    d, out = inputs['dir'], tmp_path / 'out'
+    out.mkdir()
+    values = {'d': d, 'o': out, 'data': inputs['data']}
+    old = out / name
+    old.write_bytes(b'the previous version\n' * 2)  # under every limit
+    before = _digest(d)
+    code, stdout, stderr = _run_limited(script, [a.format(**values) for a in args], limit)
+    lines = visible_lines(stderr)
+    assert code == 2, stderr[-3000:]
+    assert lines == [f'error: {old}: the file {FULL} (File too large); nothing was written '
+                     'and the previous file is unchanged; write elsewhere or raise the limit '
+                     'and run again'], stderr[-3000:]
+    assert 'Traceback' not in stdout + stderr
+    assert old.read_bytes() == b'the previous version\n' * 2
+    assert _files(out) == [str(old)]
+    assert _digest(d) == before
+
+
+def test_a_full_disk_stops_training_cleanly_and_resume_finishes(inputs, tmp_path):
+    """Epoch 1 is saved; the resumed run trains epoch 2 and cannot write its checkpoint:
+    one line, exit 2, last.pt still epoch 1, no temporary file. With the space back,
+    --resume trains epochs 2 and 3 and counts each once."""
+    import torch
+    import train
+    folder = tmp_path / 'run'
+    common = ['--cfg', CFG, '--data', inputs['data'], '--workers', '0', '--batch-size', '2',
+              '--img-size', '64', '--output-dir', str(folder)]
+    train.main(common + ['--epochs', '1'])
+    last = folder / 'last.pt'
+    saved = last.read_bytes()
+    code, stdout, stderr = _run_limited('train.py', common + ['--epochs', '3', '--resume'],
+                                        len(saved) // 2)
+    lines = visible_lines(stderr)
+    assert code == 2 and len(lines) == 1, stderr[-3000:]
+    assert FULL in lines[0] and 'nothing was written' in lines[0] and str(folder) in lines[0]
+    assert 'Traceback' not in stdout + stderr
+    assert last.read_bytes() == saved
+    assert not [p for p in os.listdir(folder) if '.tmp' in p or p == '.lock']
+    train.main(common + ['--epochs', '3', '--resume'])
+    assert torch.load(last, map_location='cpu', weights_only=True)['epoch'] == 2
+    rows = (folder / 'results.csv').read_text().splitlines()[1:]
+    assert [row.split(',')[0] for row in rows] == ['1', '2', '3']
+
+
+# ---------------------------------------------------------------- interrupts
+
+# Runs a script with a signal sent to itself at a hook: as the input model loads (before
+# any work), as the .weights write starts, just before the cfg write (the weights already
+# on disk under their temporary name), in the ONNX check (the .onnx already written under
+# its temporary name), or in the ONNX export (before any file).
+HOOKED = '''
+import os, runpy, sys
+root, signum, hook, script = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sys.path.insert(0, root)
+import utils.onnx_utils as onnx_utils, utils.prune_cli as prune_cli
+
+def hooked(module, name):
+    real = getattr(module, name)
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+    setattr(module, name, call)
+
+module, name = {'weights': (prune_cli, 'save_weights'), 'cfg': (prune_cli, 'write_cfg'),
+                'check': (onnx_utils, 'onnx_difference'), 'load': (prune_cli, 'load_model'),
+                'export': (onnx_utils, '_export_bytes')}[hook]
+hooked(module, name)
+sys.argv = [script, *sys.argv[5:]]
+runpy.run_path(script, run_name='__main__')
+'''
+
+INTERRUPTS = [  # script, signal, hook, the outputs a finished run would write
+    ('prune_normal.py', signal.SIGINT, 'weights', ['good-normal-0.5.cfg', 'good-normal-0.5.weights']),
+    ('prune_shortcut.py', signal.SIGTERM, 'cfg', ['good-shortcut-0.5.cfg',
+                                                   'good-shortcut-0.5.weights']),
+    ('prune_tiny.py', signal.SIGINT, 'cfg', ['good-tiny-0.5.cfg', 'good-tiny-0.5.weights']),
+    ('prune_regular.py', signal.SIGTERM, 'load', ['good-regular-0.5.cfg',
+                                                   'good-regular-0.5.weights']),
+    ('prune_layer.py', signal.SIGTERM, 'weights', ['blocks-layer-1.cfg',
+                                                    'blocks-layer-1.weights']),
+    ('export.py', signal.SIGINT, 'check', ['good.onnx']),
+    ('export.py', signal.SIGTERM, 'export', ['good.onnx']),
+]
+
+
+@pytest.mark.parametrize('script, signum, hook, names', INTERRUPTS,
+                         ids=[f'{s[:-3]}-{g.name}-{h}' for s, g, h, _ in INTERRUPTS])
+def test_an_interrupted_prune_or_export_writes_nothing(inputs, tmp_path, script, signum, hook,
+                                                       names):
+    """Ctrl-C or SIGTERM at the hook: exit 130, one line, the previous outputs (here
+    placeholders) byte-identical, no temporary file, inputs untouched."""
+    d, out = inputs['dir'], tmp_path / 'out'
+    out.mkdir()
+    model = ['--cfg', f'{d}/good.cfg', '--weights', f'{d}/good.weights']
+    if script == 'prune_layer.py':  # a cfg with residual blocks it can remove
+        cfg = os.path.join(TEST_CFGS, 'residual_blocks.cfg')
+        save_weights(randomize_weights(Darknet(cfg), seed=2), str(tmp_path / 'blocks.weights'))
+        model = ['--cfg', cfg, '--weights', str(tmp_path / 'blocks.weights')]
+    for name in names:
+        (out / name).write_bytes(b'previous ' + name.encode())
+    before = _digest(d)
+    result = subprocess.run([sys.executable, '-c', HOOKED, ROOT, str(int(signum)), hook,
+                             os.path.join(ROOT, script), *model, '--output-dir', str(out)],
+                            cwd=ROOT, capture_output=True, timeout=180,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    stdout, stderr = result.stdout.decode(errors='replace'), result.stderr.decode(errors='replace')
+    assert result.returncode == 130, stderr[-3000:]
+    assert visible_lines(stderr) == ['interrupted'], stderr[-3000:]
+    assert 'Traceback' not in stdout + stderr
+    assert _files(out) == sorted(str(out / name) for name in names)
+    for name in names:
+        assert (out / name).read_bytes() == b'previous ' + name.encode()
+    assert _digest(d) == before

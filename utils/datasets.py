@@ -6,7 +6,9 @@ An image's labels live at the same path with its last `images` folder replaced b
 `labels` and the extension by `.txt` (`set/images/train/a.jpg` ->
 `set/labels/train/a.txt`); a path with no `images` folder keeps its labels beside the
 image. A label file holds `class cx cy w h` lines, normalised to the image size; no
-label file means no objects.
+label file means no objects. List and label files are read as UTF-8 with or without a
+byte-order mark, with LF, CRLF or CR line ends; blank lines and spaces around fields
+do not count. Image types are recognised by their bytes, whatever the extension's case.
 
 Images are decoded as stored, ignoring any EXIF orientation tag, as Darknet does.
 
@@ -55,6 +57,11 @@ class LetterboxInfo(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- paths
+
+def is_image_file(path):
+    """True for a name with an image extension in any case (.JPG as .jpg)."""
+    return os.path.splitext(str(path))[1].lower() in IMG_EXTENSIONS
+
 
 def img2label_path(img_path):
     """Label path of an image: last `images` folder -> `labels`, extension -> `.txt`."""
@@ -134,13 +141,23 @@ def image_size(path):
 
 
 def _imread(path):
-    """cv2.imread as stored (BGR), None when it cannot decode the file. OpenCV's own
-    warning about a damaged file is silenced: the caller reports it in one line."""
+    """The image as stored (BGR), None when it cannot be read or decoded. The bytes are
+    read by numpy and decoded from memory: cv2.imread fails on non-ASCII paths on
+    Windows. OpenCV's own warning about a damaged file is silenced: the caller reports
+    it in one line."""
+    try:
+        data = np.fromfile(str(path), np.uint8)
+    except OSError:
+        return None
+    if data.size == 0:
+        return None
     logging = cv2.utils.logging
     level = logging.getLogLevel()
     logging.setLogLevel(logging.LOG_LEVEL_ERROR)
     try:
-        return cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        return cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:
+        return None
     finally:
         logging.setLogLevel(level)
 
@@ -167,7 +184,8 @@ class DatasetIndex(NamedTuple):
 def _parse_labels(label_path, num_classes, problems):
     """Labels of one file as float32 (n, 5); appends `file:line: what` problems."""
     try:
-        text = Path(label_path).read_text()
+        # utf-8-sig: a byte-order mark is not part of the first class id
+        text = Path(label_path).read_text(encoding='utf-8-sig', errors='replace')
     except FileNotFoundError:
         return np.zeros((0, 5), np.float32)
     except (OSError, UnicodeDecodeError) as e:
@@ -224,7 +242,10 @@ def check_dataset(list_path, num_classes=None):
                              f'paths in the .data file')
     list_dir = list_path.parent
     img_files, label_files, labels, shapes, problems = [], [], [], [], []
-    for n, line in enumerate(list_path.read_text().splitlines(), 1):
+    # surrogateescape: on Linux a path is bytes, so a list saved in another encoding
+    # (GBK from Windows) still names its files
+    text = list_path.read_text(encoding='utf-8-sig', errors='surrogateescape')
+    for n, line in enumerate(text.splitlines(), 1):
         entry = line.strip()
         if not entry:
             continue

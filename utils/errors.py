@@ -4,9 +4,12 @@ Every problem caused by the user's input (a file, a flag, a cfg line) raises
 `UserInputError` with a one-line message that names the file, line or layer and says
 how to fix it. Scripts wrap `main` in `run_cli`, which prints that line and exits 2:
 no traceback for a user error. Anything else is a bug and keeps its traceback.
+Ctrl-C and SIGTERM both end a script as KeyboardInterrupt: one line, exit 130.
 """
 import argparse
+import signal
 import sys
+import threading
 
 
 class UserInputError(Exception):
@@ -30,8 +33,18 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserInputError(f'{self.prog}: {message} (see --help)')
 
 
+def raise_interrupt(signum, frame):
+    """SIGTERM handler: stop the way Ctrl-C does, so `finally` blocks remove temporary
+    files (the default action kills the process on the spot)."""
+    raise KeyboardInterrupt()
+
+
 def run_cli(main, argv=None):
-    """Run `main(args)`-style entry point `main()` and map UserInputError to exit 2."""
+    """Run `main(args)`-style entry point `main()` and map UserInputError to exit 2,
+    Ctrl-C and SIGTERM to exit 130."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         return main(argv)
     except UserInputError as e:
@@ -40,3 +53,6 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,7 @@ from terminaltables import AsciiTable
 
 from models import Darknet, conv_layers
 from utils.errors import ArgumentParser, UserInputError
+from utils.fileio import require_output_dir
 from utils.parse_config import resolve_refs
 from utils.prune_cli import (add_common_args, describe_plan, fill_demo_defaults, layer_table,
                              load_model, measure, output_paths, refuse_difference,
@@ -306,6 +307,7 @@ def ranking_table(result):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     fill_demo_defaults(args, 'layer')  # the demo YOLOv3: the tiny one has no blocks
+    require_output_dir(args.output_dir)
     start = time.perf_counter()
     model, img_size = load_model(args)
     result = layer_prune(model, args.layers, args.percent, args.layer_keep,

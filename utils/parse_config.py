@@ -13,6 +13,7 @@ not implement are refused with the reason, rather than silently ignored.
 """
 import difflib
 import os
+import sys
 
 from utils.errors import UserInputError
 from utils.fileio import atomic_write_text
@@ -134,7 +135,9 @@ def _read_blocks(path):
     if not os.path.isfile(path):
         raise UserInputError(f'{path}: cfg file not found; check the --cfg path')
     try:
-        with open(path, encoding='utf-8') as f:
+        # utf-8-sig drops the byte-order mark Windows editors put first; universal
+        # newlines read LF, CRLF and CR-only files alike
+        with open(path, encoding='utf-8-sig') as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserInputError(f'{path}: cannot read as a text cfg ({e.__class__.__name__}); '
@@ -162,7 +165,8 @@ def _read_blocks(path):
 
 
 def _typed_block(path, section, entries, schema):
-    """Dict of typed values for one block; refuses unknown, repeated and bad keys."""
+    """Dict of typed values for one block; refuses unknown and bad keys, warns on a
+    repeated one."""
     typed, seen = {}, {}
     for key, text, number in entries:
         where = f'{path} line {number}'
@@ -171,8 +175,10 @@ def _typed_block(path, section, entries, schema):
             hint = f"did you mean '{close[0]}'?" if close else 'remove it'
             raise UserInputError(f"{where}: [{section}] has no key '{key}'; {hint}")
         if key in seen:
-            raise UserInputError(f"{where}: '{key}' is set twice in this [{section}] "
-                                 f'(also line {seen[key]}); keep one')
+            # real cfgs repeat keys (the seed's yolov3-tiny-hand.cfg sets batch twice);
+            # OpenCV's Darknet importer keeps the last value (Darknet itself the first)
+            print(f"warning: {where}: '{key}' is set again in this [{section}] (first at "
+                  f'line {seen[key]}); using this later value, as OpenCV does', file=sys.stderr)
         seen[key] = number
         try:
             value = _parse_value(text, schema[key])
@@ -290,7 +296,7 @@ def parse_data_cfg(path):
     if not os.path.isfile(path):
         raise UserInputError(f'{path}: data file not found; check the --data path')
     entries = []
-    with open(path, encoding='utf-8', errors='replace') as f:
+    with open(path, encoding='utf-8-sig', errors='replace') as f:
         for number, raw in enumerate(f, 1):
             line = raw.split('#', 1)[0].strip()
             if not line:
@@ -325,5 +331,5 @@ def load_class_names(path):
     """Class names, one per line, from a .names file."""
     if not os.path.isfile(path):
         raise UserInputError(f'{path}: names file not found; fix names= in the .data file')
-    with open(path, encoding='utf-8', errors='replace') as f:
+    with open(path, encoding='utf-8-sig', errors='replace') as f:
         return [line.strip() for line in f if line.strip()]
