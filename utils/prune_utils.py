@@ -124,7 +124,7 @@ MODES = ('normal', 'regular', 'shortcut', 'tiny')
 
 
 def prunable_convs(layers, mode, in_channels=3, info=None, name='the cfg'):
-    """Layer indices of the BN convs whose channels `mode` may prune (DOMAIN.md);
+    """Layer indices of the BN convs whose channels `mode` may prune (docs/pruning.md);
     `name` (the cfg's path) names the model in a refusal."""
     if mode not in MODES:
         raise ValueError(f'unknown mode {mode!r}')
