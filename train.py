@@ -49,6 +49,7 @@ from utils.errors import ArgumentParser, UserInputError, run_cli
 from utils.fileio import atomic_output, atomic_write_text, output_lock, require_output_dir
 from utils.loss import compute_loss
 from utils.parse_config import parse_data_cfg, require_data_key
+from utils.plots import pyplot, save_figure
 from utils.prune_utils import (SPARSITY_MODES, add_sparsity_gradient, prunable_bn_modules,
                                sparsity_report)
 from utils.torch_utils import (barrier, count_parameters, distributed_cleanup,
@@ -145,9 +146,7 @@ def trim_results(path, epochs):
 
 def plot_gamma_histogram(bn_modules, path, title):
     """Histogram of |gamma| over the prunable BN layers: what people read sparsity from."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     gammas = torch.cat([bn.weight.detach().abs().cpu() for bn in bn_modules]).numpy()
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.hist(gammas, bins=100, color='tab:blue')
@@ -157,9 +156,7 @@ def plot_gamma_histogram(bn_modules, path, title):
     axis.set_ylabel('channels')
     axis.set_title(title)
     figure.tight_layout()
-    with atomic_output(path) as f:
-        figure.savefig(f, format='png', dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # ---------------------------------------------------------------- the run

@@ -39,7 +39,8 @@ from models import Darknet, load_weights  # noqa: E402
 from prune_results import finetune, map50  # noqa: E402
 from train import main as train_main  # noqa: E402
 from utils import demo  # noqa: E402
-from utils.fileio import atomic_output, atomic_write_text  # noqa: E402
+from utils.fileio import atomic_write_text  # noqa: E402
+from utils.plots import pyplot, save_figure  # noqa: E402
 from utils.prune_cli import calibration_batches, write_outputs  # noqa: E402
 from utils.prune_utils import find_percent, prune, rank_channels, recalibrate_bn  # noqa: E402
 from utils.torch_utils import count_parameters  # noqa: E402
@@ -276,9 +277,7 @@ def report(args):
 
 
 def plot(cache, targets, path, finalists):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names = [n for n in UNDER_SPARSIFIED if f'{n}|unpruned' in cache]
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharey=True,
                                 squeeze=False)
@@ -301,9 +300,7 @@ def plot(cache, targets, path, finalists):
     axes[0][0].set_ylabel('mAP@0.5 (shapes validation set)')
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
-    with atomic_output(path) as f:
-        figure.savefig(f, format='png', dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv=None):

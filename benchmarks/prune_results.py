@@ -39,8 +39,9 @@ from train import main as train_main  # noqa: E402
 from utils import demo  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
-from utils.fileio import atomic_output, atomic_write_text  # noqa: E402
+from utils.fileio import atomic_write_text  # noqa: E402
 from utils.parse_config import parse_data_cfg  # noqa: E402
+from utils.plots import pyplot, save_figure  # noqa: E402
 from utils.prune_cli import write_outputs  # noqa: E402
 from utils.prune_utils import find_percent, prune  # noqa: E402
 from utils.torch_utils import count_macs, count_parameters, time_sync  # noqa: E402
@@ -272,9 +273,7 @@ def markdown(rows, args, seconds):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     colours = dict(zip(['normal', 'regular', 'shortcut', 'tiny', 'layer'],
                        plt.rcParams['axes.prop_cycle'].by_key()['color']))
@@ -303,9 +302,7 @@ def plot(rows, path):
         axis.legend(fontsize=7)
     axes[0].set_ylabel('mAP@0.5 (shapes validation set)')
     figure.tight_layout()
-    with atomic_output(path) as f:
-        figure.savefig(f, format='png', dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv=None):

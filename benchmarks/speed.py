@@ -46,8 +46,9 @@ from models import Darknet, load_weights  # noqa: E402
 from test import evaluate  # noqa: E402
 from utils import demo  # noqa: E402
 from utils.datasets import LoadImagesAndLabels, create_dataloader  # noqa: E402
-from utils.fileio import atomic_output, atomic_write_text  # noqa: E402
+from utils.fileio import atomic_write_text  # noqa: E402
 from utils.onnx_utils import OnnxModel, export_onnx, ort_session, quantize_int8  # noqa: E402
+from utils.plots import pyplot, save_figure  # noqa: E402
 from utils.prune_utils import plan_masks, prunable_units, prune  # noqa: E402
 from utils.torch_utils import count_macs, count_parameters, interleaved_medians  # noqa: E402
 
@@ -269,9 +270,7 @@ def profile_table(profiles):
 
 
 def plot(results, sweep, path):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colours = {'torch': 'tab:blue', 'fp32': 'tab:orange', 'int8': 'tab:green'}
     labels = {'torch': 'PyTorch fused', 'fp32': 'ORT FP32', 'int8': 'ORT INT8'}
@@ -310,8 +309,7 @@ def plot(results, sweep, path):
     if sweep:
         right.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_output(path) as f:
-        figure.savefig(f, format='png', dpi=100)
+    save_figure(figure, path)
 
 
 def main(argv=None):

@@ -12,10 +12,11 @@ from models import Darknet, darknet_float_count, load_weights, save_weights
 from utils import demo
 from utils.datasets import check_img_size
 from utils.errors import ArgumentParser, UserInputError
-from utils.fileio import atomic_output, output_group, require_output_dir
+from utils.fileio import output_group, require_output_dir
 from utils.importance import CRITERIA, DATA_CRITERIA
 from utils.onnx_utils import model_latency
 from utils.parse_config import parse_data_cfg, require_data_key, write_cfg
+from utils.plots import pyplot, save_figure
 from utils.prune_utils import (find_percent, output_difference, plan_masks, prune,
                                rank_channels, recalibrate_bn)
 from utils.torch_utils import count_macs, count_parameters, fused_latency, select_device
@@ -280,9 +281,7 @@ def selection_batches(args, model, img_size):
 
 def plot_widths(model, plan, path, title):
     """Bars of each prunable conv's width before and after: a starved layer shows at once."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     convs = [i for unit in plan.units for i in unit]
     convs.sort()
     widths = [len(plan.masks[i]) for i in convs]
@@ -298,9 +297,7 @@ def plot_widths(model, plan, path, title):
     axis.set_title(title, fontsize=9)
     axis.legend()
     figure.tight_layout()
-    with atomic_output(path) as f:
-        figure.savefig(f, format='png', dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, dpi=90)
 
 
 def choose_plan(model, mode, args, img_size, batches=None):
