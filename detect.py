@@ -42,14 +42,11 @@ def load_model(cfg, weights, device):
 def demo_models(device):
     """The sparse demo YOLOv3 and a copy pruned in memory as prune_shortcut.py prunes by
     default (without the BatchNorm recalibration)."""
-    from utils.prune_cli import (DEFAULT_COST, DEFAULT_CRITERION, DEFAULT_MAX_LAYER_PRUNE,
-                                 DEFAULT_ROUND_TO)
-    from utils.prune_utils import plan_masks, prune, rank_channels
+    from utils.prune_cli import default_plan
+    from utils.prune_utils import prune
     model = load_model(demo.YOLOV3['cfg'], demo.require_demo_weights(
         demo.YOLOV3['sparse_weights']), device)
-    ranking = rank_channels(model, 'shortcut', DEFAULT_CRITERION, DEFAULT_COST)
-    plan = plan_masks(model, 'shortcut', 0.5, 1 - DEFAULT_MAX_LAYER_PRUNE, DEFAULT_ROUND_TO,
-                      ranking=ranking)
+    plan = default_plan(model, 'shortcut', 0.5)
     _, compact = prune(model, plan)
     return model, compact.to(device).eval()
 

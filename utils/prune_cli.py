@@ -321,6 +321,14 @@ def choose_plan(model, mode, args, img_size, batches=None):
     return plan
 
 
+def default_plan(model, mode, percent):
+    """The plan a prune script makes with its default flags at `percent` (without
+    --data: no data criterion): what detect.py's demo shows."""
+    args = get_args_parser(mode).parse_args(['--percent', str(percent)])
+    resolve_selection(args, mode)
+    return choose_plan(model, mode, args, img_size=None)
+
+
 def main(mode, argv=None):
     args = get_args_parser(mode).parse_args(argv)
     fill_demo_defaults(args, mode)
