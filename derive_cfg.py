@@ -11,10 +11,9 @@ scales the anchors with it (anchors are in input pixels, and objects shrink or g
 with the letterboxed input).
 """
 import copy
-import os
 
 from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.fileio import require_output_file
+from utils.fileio import refuse_overwrite, require_output_file
 from utils.parse_config import parse_model_cfg, write_cfg
 
 
@@ -67,8 +66,7 @@ def main(argv=None):
         raise UserInputError(f'--classes {args.classes}: must be at least 1')
     if args.width is not None and args.width <= 0:
         raise UserInputError(f'--width {args.width}: must be positive')
-    if os.path.abspath(args.output) == os.path.abspath(args.cfg):
-        raise UserInputError(f'--output {args.output} is the input cfg; choose another name')
+    refuse_overwrite(args.output, (args.cfg,), 'choose another name', '--output')
     require_output_file(args.output)
     hyperparams, layers = derive_cfg(*parse_model_cfg(args.cfg), args.classes, args.width,
                                      args.img_size, args.divisor)

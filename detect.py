@@ -21,12 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from models import Darknet, load_weights
-from utils import demo
-from utils.datasets import check_img_size
+from utils.cli import default_img_size, use_demo
 from utils.detect_utils import (Detector, draw, find_sources, is_video_file, label_lines,
                                 read_image, side_by_side)
 from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.fileio import atomic_output, atomic_write_text, require_output_dir
+from utils.fileio import (atomic_output, atomic_write_text, overwritten_input,
+                          require_output_dir, resolved_inputs)
 from utils.parse_config import load_class_names, parse_data_cfg
 from utils.torch_utils import select_device
 
@@ -39,13 +39,12 @@ def load_model(cfg, weights, device):
     return load_weights(Darknet(cfg), weights).to(device).eval()
 
 
-def demo_models(device):
+def demo_models(cfg, weights, device):
     """The sparse demo YOLOv3 and a copy pruned in memory as prune_shortcut.py prunes by
     default (without the BatchNorm recalibration)."""
     from utils.prune_cli import default_plan
     from utils.prune_utils import prune
-    model = load_model(demo.YOLOV3['cfg'], demo.require_demo_weights(
-        demo.YOLOV3['sparse_weights']), device)
+    model = load_model(cfg, weights, device)
     plan = default_plan(model, 'shortcut', 0.5)
     _, compact = prune(model, plan)
     return model, compact.to(device).eval()
@@ -69,7 +68,7 @@ def class_names(args, num_classes):
 def output_paths(sources, output_dir):
     """One output path per input, same file name (a repeated name gets _2, _3, ...);
     refuses any that would land on an input."""
-    inputs = {os.path.abspath(p) for p in sources}
+    inputs = resolved_inputs(sources)
     outputs, used = [], set()
     for path in sources:
         stem, ext = os.path.splitext(os.path.basename(path))
@@ -80,8 +79,9 @@ def output_paths(sources, output_dir):
             name = f'{stem}_{n}{ext}'
         used.add(name)
         out = os.path.join(output_dir, name)
-        if os.path.abspath(out) in inputs:
-            raise UserInputError(f'--output-dir {output_dir}: would overwrite the input {path}; '
+        clash = overwritten_input(out, inputs)
+        if clash:
+            raise UserInputError(f'--output-dir {output_dir}: would overwrite the input {clash}; '
                                  'choose another --output-dir')
         outputs.append(out)
     return outputs
@@ -169,15 +169,14 @@ def get_args_parser():
 def setup(args, device):
     """(detectors, names, sources) for the arguments; the demo when --cfg is absent."""
     if args.cfg is None:
-        first, second = demo_models(device)
+        use_demo(args, weights='sparse_weights')
+        first, second = demo_models(args.cfg, args.weights, device)
         titles = ('sparse demo YOLOv3', 'pruned 50% (shortcut)')
-        args.data = args.data or demo.ensure_demo_data()
         if args.source is None:
             args.source = parse_data_cfg(args.data)['valid']  # a .txt list
             sources = find_sources(args.source)[:DEMO_IMAGES]
         else:
             sources = find_sources(args.source)
-        args.img_size = args.img_size or demo.IMG_SIZE
     else:
         if args.source is None:
             raise UserInputError('--source is required with --cfg: an image, folder, glob, '
@@ -196,8 +195,7 @@ def setup(args, device):
     for model, title in zip((first, second), titles):
         if model is None:
             continue
-        img_size = args.img_size or model.hyperparams.get('width') or 416
-        check_img_size(img_size, model.stride)
+        img_size = default_img_size(model, args.img_size)
         # BatchNorm folded into the convs: the inference-ready model (Darknet.fuse)
         detectors.append(Detector(model.fuse(), img_size, args.conf_thres, args.iou_thres,
                                   title))

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from models import Darknet, load_weights
-from utils import demo, onnx_utils
-from utils.datasets import LoadImagesAndLabels, check_img_size, create_dataloader
+from utils import onnx_utils
+from utils.cli import check_classes, default_img_size, require_weights, use_demo
+from utils.datasets import LoadImagesAndLabels, create_dataloader
 from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.fileio import require_output_dir, require_output_file
+from utils.fileio import refuse_overwrite, require_output_dir, require_output_file
 from utils.parse_config import parse_data_cfg, require_data_key
 
 
@@ -77,10 +78,7 @@ def output_path(args):
     else:
         stem = os.path.splitext(os.path.basename(args.weights))[0]
         path = os.path.join(args.output_dir, stem + ('-raw' if args.raw_heads else '') + '.onnx')
-    inputs = {os.path.realpath(p) for p in (args.cfg, args.weights)}
-    if os.path.realpath(path) in inputs:
-        raise UserInputError(f'{path}: would overwrite an input file; choose another '
-                             '--output or --output-dir')
+    refuse_overwrite(path, (args.cfg, args.weights), 'choose another --output or --output-dir')
     if not path.endswith('.onnx'):
         raise UserInputError(f'--output {path}: name the ONNX file with a .onnx extension')
     return path
@@ -97,9 +95,7 @@ def int8_inputs(args, model, img_size):
     if args.calibrate_images < 1:
         raise UserInputError(f'--calibrate-images {args.calibrate_images}: use 1 or more')
     options = parse_data_cfg(args.data)
-    if model.num_classes != options['classes']:
-        raise UserInputError(f'{args.data}: classes={options["classes"]} but {args.cfg} detects '
-                             f'{model.num_classes}; pass the matching .data')
+    check_classes(model, options, args.data, args.cfg)
     dataset = LoadImagesAndLabels(require_data_key(options, 'train', args.data), img_size,
                                   stride=model.stride, num_classes=options['classes'])
     count = min(args.calibrate_images, len(dataset))
@@ -125,7 +121,7 @@ def export_int8(path, args, img_size, images, options):
           f'{fp32 * 1e3:.2f} ms, INT8 {int8 * 1e3:.2f} ms ({fp32 / int8:.2f}x faster)')
     result.update(fp32_latency=fp32, int8_latency=int8)
     if 'valid' in options:
-        from test import evaluate
+        from utils.evaluate import evaluate
         loader, _ = create_dataloader(options['valid'], img_size, 16, options['classes'])
         maps = [evaluate(onnx_utils.OnnxModel(p), loader, options['classes'],
                          progress=False).metrics['map50'] for p in (path, int8_path)]
@@ -140,17 +136,12 @@ def main(argv=None):
     onnx_utils.require_onnx()
     onnx_utils.check_opset(args.opset)
     if args.cfg is None:
-        args.cfg = demo.YOLOV3['cfg']
-        args.weights = args.weights or demo.require_demo_weights(demo.YOLOV3['weights'])
-        args.img_size = args.img_size or demo.IMG_SIZE
-    if args.weights is None:
-        raise UserInputError('--weights is required with --cfg: pass the trained or pruned '
-                             '.weights or .pt')
+        use_demo(args, data=False)
+    require_weights(args, 'trained or pruned')
     path = output_path(args)
     require_output_file(path) if args.output else require_output_dir(args.output_dir)
     model = load_weights(Darknet(args.cfg), args.weights).eval()
-    img_size = args.img_size or model.hyperparams.get('width') or 416
-    check_img_size(img_size, model.stride)
+    img_size = default_img_size(model, args.img_size)
     calibration = int8_inputs(args, model, img_size) if args.int8 else None
     start = time.perf_counter()
     try:

@@ -2,8 +2,8 @@
 
     python -c "from models import Darknet; print(Darknet('cfg/yolov3-tiny.cfg'))"
 
-Layout, top-down: layer modules (conv block, maxpool, route, shortcut, yolo head), the
-`Darknet` model that wires them from the typed cfg layers, then weights I/O: Darknet
+Layout, top-down: the `Darknet` model that wires the layer modules (each layer type's
+module and checks are in utils/layers.py) from the typed cfg layers, then weights I/O: Darknet
 `.weights` (byte-exact, size-checked against the cfg) and PyTorch `.pt` checkpoints, and
 transfer learning (`transfer_weights`: the convs of another cfg's file that fit).
 """
@@ -19,126 +19,11 @@ from fractions import Fraction
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from utils.errors import UserInputError
-from utils.fileio import atomic_output
-from utils.parse_config import check_layers, parse_model_cfg, resolve_refs
-
-# Darknet divides by sqrt(var) + 1e-6 and OpenCV by sqrt(var + 1e-6); with eps inside
-# the root, as PyTorch puts it, 1e-6 stays closest to both for small variances.
-BN_EPS = 1e-6
-BN_MOMENTUM = 0.03
-LEAKY_SLOPE = 0.1
-
-
-def make_activation(name):
-    return {'leaky': lambda: nn.LeakyReLU(LEAKY_SLOPE), 'mish': nn.Mish, 'swish': nn.SiLU,
-            'logistic': nn.Sigmoid, 'relu': nn.ReLU, 'linear': None}[name]
-
-
-def conv_block(layer, in_channels):
-    """Conv2d [+ BatchNorm2d] [+ activation], named as the ultralytics-era checkpoints are."""
-    size = layer.get('size', 1)
-    padding = size // 2 if layer.get('pad', 0) else layer.get('padding', 0)
-    block = nn.Sequential()
-    block.add_module('Conv2d', nn.Conv2d(in_channels, layer['filters'], size,
-                                         stride=layer.get('stride', 1), padding=padding,
-                                         groups=layer.get('groups', 1),
-                                         bias=not layer.get('batch_normalize', 0)))
-    if layer.get('batch_normalize', 0):
-        block.add_module('BatchNorm2d', nn.BatchNorm2d(layer['filters'], eps=BN_EPS,
-                                                       momentum=BN_MOMENTUM))
-    activation = make_activation(layer.get('activation', 'logistic'))
-    if activation is not None:
-        block.add_module('activation', activation())
-    return block
-
-
-class MaxPool(nn.Module):
-    """Darknet max pooling: `padding` (default size - 1) split low/high, padded with -inf."""
-
-    def __init__(self, size, stride, padding):
-        super().__init__()
-        self.size, self.stride, self.padding = size, stride, padding
-
-    def forward(self, x):
-        low = self.padding // 2
-        pads = []
-        for n in (x.shape[3], x.shape[2]):  # F.pad wants the last dimension first
-            out = (n + self.padding - self.size) // self.stride + 1
-            pads += [low, max((out - 1) * self.stride + self.size - n - low, 0)]
-        if any(pads):
-            x = F.pad(x, pads, value=float('-inf'))
-        if self.stride > 1:
-            return F.max_pool2d(x, self.size, self.stride)
-        # stride 1 (tiny models' size 2, SPP's 5/9/13): a running max along rows, then
-        # columns, is the same and many times faster than max_pool2d on the CPU
-        for dim in (2, 3):
-            n = x.shape[dim] - self.size + 1
-            out = x.narrow(dim, 0, n)
-            for shift in range(1, self.size):
-                out = torch.maximum(out, x.narrow(dim, shift, n))
-            x = out
-        return x
-
-
-class Route(nn.Module):
-    """Concatenate earlier outputs along channels; with groups, one slice of each first."""
-
-    def __init__(self, sources, groups=1, group_id=0):
-        super().__init__()
-        self.sources, self.groups, self.group_id = sources, groups, group_id
-
-    def forward(self, outputs):
-        parts = [outputs[i] for i in self.sources]
-        if self.groups > 1:
-            parts = [p.chunk(self.groups, dim=1)[self.group_id] for p in parts]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-class Shortcut(nn.Module):
-    """Residual sum of the previous output and an earlier one, then an activation."""
-
-    def __init__(self, source, activation):
-        super().__init__()
-        self.source = source
-        self.activation = make_activation(activation)
-        self.activation = self.activation() if self.activation else nn.Identity()
-
-    def forward(self, x, outputs):
-        return self.activation(x + outputs[self.source])
-
-
-class YOLOLayer(nn.Module):
-    """Decodes one head: raw (B, A*(5+C), H, W) -> boxes in input pixels."""
-
-    def __init__(self, anchors, num_classes, scale_x_y=1.0):
-        super().__init__()
-        # not persistent: the cfg is the one source of anchors, a checkpoint never overrides it
-        self.register_buffer('anchors', torch.tensor(anchors, dtype=torch.float32).view(-1, 2),
-                             persistent=False)
-        self.num_anchors, self.num_classes = len(anchors), num_classes
-        self.num_outputs = num_classes + 5
-        self.scale_x_y = scale_x_y
-        self.stride = None  # (x, y) in input pixels per cell, set by each forward
-
-    def forward(self, p, img_size, raw=False):
-        batch, _, ny, nx = p.shape
-        self.stride = (img_size[1] / nx, img_size[0] / ny)
-        # (B, A*(5+C), H, W) -> (B, A, H, W, 5+C)
-        p = p.view(batch, self.num_anchors, self.num_outputs, ny, nx).permute(0, 1, 3, 4, 2)
-        if self.training or raw:
-            return p.contiguous()
-        gy, gx = torch.meshgrid(torch.arange(ny, device=p.device),
-                                torch.arange(nx, device=p.device), indexing='ij')
-        grid = torch.stack((gx, gy), -1).to(p.dtype)  # (H, W, 2)
-        stride = p.new_tensor(self.stride)
-        s = self.scale_x_y
-        xy = (torch.sigmoid(p[..., :2]) * s - (s - 1) / 2 + grid) * stride
-        wh = torch.exp(p[..., 2:4]) * self.anchors.view(1, -1, 1, 1, 2).to(p.dtype)
-        decoded = torch.cat((xy, wh, torch.sigmoid(p[..., 4:])), -1)
-        return decoded.view(batch, -1, self.num_outputs)
+from utils.fileio import atomic_output, refuse_overwrite
+from utils.layers import Shape, YOLOLayer, layer_type
+from utils.parse_config import check_layers, parse_model_cfg
 
 
 class Darknet(nn.Module):
@@ -162,12 +47,10 @@ class Darknet(nn.Module):
             check_layers(layers)
         self.hyperparams, self.module_defs = hyperparams, layers
         self.module_list, self.out_channels, scales = self._build()
-        self.saved = set()  # layers whose outputs a later route or shortcut reads
-        for module in self.module_list:
-            if isinstance(module, Route):
-                self.saved.update(module.sources)
-            elif isinstance(module, Shortcut):
-                self.saved.add(module.source)
+        # per layer, the earlier layers whose outputs it reads (route, shortcut)
+        self.sources = [layer_type(layer).sources(i, layer)
+                        for i, layer in enumerate(self.module_defs)]
+        self.saved = set().union(*self.sources)  # outputs kept for a later reader
         self.yolo_layers = [m for m in self.module_list if isinstance(m, YOLOLayer)]
         if not self.yolo_layers:
             raise UserInputError(f'{self._name()}: the cfg has no [yolo] layer')
@@ -183,91 +66,16 @@ class Darknet(nn.Module):
 
     def _build(self):
         """Modules, output channels and input/output size ratio of every layer."""
-        modules, channels, scales = nn.ModuleList(), [], []
-        in_channels, scale = self.hyperparams.get('channels', 3), Fraction(1)
-        if in_channels < 1:
-            raise UserInputError(f'{self._name()}: [net] channels={in_channels}: an input needs '
-                                 'at least one channel (3 for colour images)')
+        modules, shapes = nn.ModuleList(), []
+        shape = Shape(self.hyperparams.get('channels', 3), Fraction(1))
+        if shape.channels < 1:
+            raise UserInputError(f'{self._name()}: [net] channels={shape.channels}: an input '
+                                 'needs at least one channel (3 for colour images)')
         for i, layer in enumerate(self.module_defs):
-            kind = layer['type']
-            if kind == 'convolutional':
-                module, scale, out = self._build_conv(i, layer, in_channels, scale)
-            elif kind == 'maxpool':
-                stride = layer.get('stride', 1)
-                size = layer.get('size', stride)
-                self._same_strides(i, layer, stride)
-                padding = layer.get('padding', size - 1)
-                if size < 1 or stride < 1 or padding < 0:
-                    raise UserInputError(f'{self._where(i)}: size and stride must be positive '
-                                         'and padding not negative')
-                module = MaxPool(size, stride, padding)
-                out, scale = in_channels, scale * stride
-            elif kind == 'upsample':
-                stride = layer.get('stride', 2)
-                if stride < 1:
-                    raise UserInputError(f'{self._where(i)}: stride={stride}: only upsampling '
-                                         'by a positive whole factor is supported')
-                module = nn.Upsample(scale_factor=stride, mode='nearest')
-                out, scale = in_channels, scale / stride
-            elif kind == 'route':
-                module, out, scale = self._build_route(i, layer, channels, scales)
-            elif kind == 'shortcut':
-                source = resolve_refs(i, layer['from'])[0]
-                if channels[source] != in_channels or scales[source] != scale:
-                    raise UserInputError(
-                        f'{self._where(i)}: adds layer {source} ({channels[source]} channels) '
-                        f'to layer {i - 1} ({in_channels} channels) of another shape; '
-                        'fix from= or the filters of either layer')
-                module, out = Shortcut(source, layer.get('activation', 'linear')), in_channels
-            else:  # yolo
-                module, out = self._build_yolo(i, layer, in_channels), in_channels
+            module, shape = layer_type(layer).build(i, layer, shape, shapes, self._where)
             modules.append(module)
-            channels.append(out)
-            scales.append(scale)
-            in_channels = out
-        return modules, channels, scales
-
-    def _same_strides(self, i, layer, stride):
-        if layer.get('stride_x', stride) != stride or layer.get('stride_y', stride) != stride:
-            raise UserInputError(f'{self._where(i)}: different stride_x/stride_y are not '
-                                 'supported; use stride=')
-
-    def _build_conv(self, i, layer, in_channels, scale):
-        groups, filters = layer.get('groups', 1), layer['filters']
-        stride = layer.get('stride', 1)
-        self._same_strides(i, layer, stride)
-        if filters < 1 or layer.get('size', 1) < 1 or stride < 1 or groups < 1:
-            raise UserInputError(f'{self._where(i)}: filters, size, stride and groups must '
-                                 'be positive')
-        if in_channels % groups or filters % groups:
-            raise UserInputError(f'{self._where(i)}: groups={groups} must divide both the '
-                                 f'{in_channels} input channels and filters={filters}')
-        return conv_block(layer, in_channels), scale * stride, filters
-
-    def _build_route(self, i, layer, channels, scales):
-        sources = resolve_refs(i, layer['layers'])
-        groups, group_id = layer.get('groups', 1), layer.get('group_id', 0)
-        if groups < 1 or not 0 <= group_id < groups:
-            raise UserInputError(f'{self._where(i)}: needs groups >= 1 and 0 <= group_id < '
-                                 f'groups (got groups={groups}, group_id={group_id})')
-        if any(channels[s] % groups for s in sources):
-            raise UserInputError(f'{self._where(i)}: groups={groups} does not divide the '
-                                 f'channels {[channels[s] for s in sources]} of layers {sources}')
-        if len({scales[s] for s in sources}) > 1:
-            raise UserInputError(f'{self._where(i)}: layers {sources} have different spatial '
-                                 'sizes and cannot be concatenated; fix layers=')
-        out = sum(channels[s] // groups for s in sources)
-        return Route(sources, groups, group_id), out, scales[sources[0]]
-
-    def _build_yolo(self, i, layer, in_channels):
-        expected = len(layer['mask']) * (5 + layer['classes'])
-        if in_channels != expected:
-            raise UserInputError(f'{self._where(i)}: receives {in_channels} channels, but '
-                                 f'{len(layer["mask"])} anchors x (5 + {layer["classes"]} '
-                                 f'classes) need {expected}')
-        anchors = layer['anchors']
-        pairs = [(anchors[2 * m], anchors[2 * m + 1]) for m in layer['mask']]
-        return YOLOLayer(pairs, layer['classes'], layer.get('scale_x_y', 1.0))
+            shapes.append(shape)
+        return modules, [s.channels for s in shapes], [s.scale for s in shapes]
 
     def _same_sizes(self, i, tensors, sources):
         """Concatenated or added outputs need one spatial size; a conv or pool whose
@@ -293,16 +101,19 @@ class Darknet(nn.Module):
                                  f'of {self.stride}, the largest stride of {self._name()}')
         outputs, heads = {}, []
         for i, module in enumerate(self.module_list):
-            if isinstance(module, Route):
-                self._same_sizes(i, [outputs[s] for s in module.sources], module.sources)
-                x = module(outputs)
-            elif isinstance(module, Shortcut):
-                self._same_sizes(i, [x, outputs[module.source]], [i - 1, module.source])
-                x = module(x, outputs)
-            elif isinstance(module, YOLOLayer):
+            sources = self.sources[i]
+            if isinstance(module, YOLOLayer):
                 heads.append(module(x, (height, width), raw))
-            else:
+            elif not sources:
                 x = module(x)
+            elif layer_type(self.module_defs[i]).reads_previous:  # shortcut
+                inputs = [outputs[s] for s in sources]
+                self._same_sizes(i, [x] + inputs, [i - 1] + sources)
+                x = module(x, inputs)
+            else:  # route
+                inputs = [outputs[s] for s in sources]
+                self._same_sizes(i, inputs, sources)
+                x = module(inputs)
             if i in self.saved:
                 outputs[i] = x
         return heads if self.training or raw else torch.cat(heads, 1)
@@ -765,8 +576,7 @@ def save_model_weights(model, path):
 def convert_weights(cfg, source, target, cutoff=None):
     """Convert between .pt and .weights for the model `cfg` describes. `cutoff=N` writes
     the convs of layers 0..N-1 only, a Darknet backbone file as `darknet partial` cuts."""
-    if os.path.abspath(source) == os.path.abspath(target):
-        raise UserInputError(f'{target}: is the input file; choose another output name')
+    refuse_overwrite(target, (source, cfg), 'choose another output name')
     model = Darknet(cfg)
     if cutoff is not None and is_checkpoint_path(target):
         raise UserInputError(f'{target}: --cutoff writes a Darknet backbone file; name it '

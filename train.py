@@ -5,7 +5,11 @@
 
 Sparsity training (-sr) adds an L1 penalty on the BatchNorm gammas of the convs a prune
 mode will cut (--prune 0: normal/regular, 1: shortcut, 2: tiny): s * sign(gamma) joins
-their gradients once per optimizer step. Several processes:
+their gradients once per optimizer step; --penalty group|scaled, --proximal and --s-schedule
+change how (utils/sparsity.py). With --target-params F (or --target-gmacs F,
+--target-percent P) each epoch also reports the mAP of the model pruned to that target
+(the prune script's defaults, BN recalibrated), logs it in results.csv, plots it in
+pruned_map.png and keeps the best such checkpoint as best_pruned.pt. Several processes:
 `torchrun --nproc_per_node=2 train.py ... --sparsity 0.001` (gloo on CPU, nccl on CUDA;
 torchrun refuses the short --s); rank 0 evaluates and saves. Each epoch writes last.pt
 (and best.pt, by mAP@0.5) and a row of results.csv; the run ends with a histogram of the
@@ -33,6 +37,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -41,22 +46,26 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import Darknet, init_head_biases, transfer_weights, torch_load
-from test import default_img_size, evaluate
 from utils import demo
+from utils.cli import check_classes, default_img_size, use_demo
 from utils.datasets import create_dataloader
 from utils.distill import distillation_loss, load_teacher
 from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.fileio import atomic_output, atomic_write_text, output_lock, require_output_dir
+from utils.evaluate import evaluate
+from utils.fileio import (atomic_output, atomic_write_text, output_lock, overwritten_input,
+                          require_output_dir, resolved_inputs)
 from utils.loss import compute_loss
 from utils.parse_config import parse_data_cfg, require_data_key
 from utils.plots import pyplot, save_figure
-from utils.prune_utils import (SPARSITY_MODES, add_sparsity_gradient, prunable_bn_modules,
-                               sparsity_report)
+from utils.prune_cli import CALIBRATION_IMAGES, calibration_batches
+from utils.prune_utils import SPARSITY_MODES, prunable_bn_modules, sparsity_report
+from utils.sparsity import PENALTIES, S_SCHEDULES, TARGET_FLAGS, Monitor, Penalty
 from utils.torch_utils import (barrier, count_parameters, distributed_cleanup,
                                distributed_setup, select_device, unwrap)
 
 RESULT_COLUMNS = ('epoch', 'box', 'obj', 'cls', 'distill', 'loss', 'precision', 'recall', 'map50',
-                  'map50_95', 'f1', 'lr', 'gammas_below_0.01', 'max_safe_percent', 'seconds')
+                  'map50_95', 'f1', 'lr', 'gammas_below_0.01', 'max_safe_percent', 'seconds',
+                  'pruned_map50')
 
 
 # ---------------------------------------------------------------- optimisation
@@ -90,13 +99,15 @@ def learning_rate(step, epoch, lr0, epochs, warmup_steps, schedule, final_ratio=
 
 # ---------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, model, optimizer, epoch, best_fitness, args):
+def save_checkpoint(path, model, optimizer, epoch, best_fitness, args, extra=None):
+    """`extra`: more entries (the monitor's state, best_pruned.pt's pruned mAP)."""
     model = unwrap(model)
     checkpoint = {'epoch': epoch, 'best_fitness': best_fitness, 'model': model.state_dict(),
                   'optimizer': optimizer.state_dict(),
                   'cfg': {'hyperparams': model.hyperparams, 'layers': model.module_defs},
                   'args': {k: v for k, v in vars(args).items()
-                           if isinstance(v, (str, int, float, bool, type(None)))}}
+                           if isinstance(v, (str, int, float, bool, type(None)))},
+                  **(extra or {})}
     with atomic_output(path) as f:
         torch.save(checkpoint, f)
 
@@ -123,6 +134,12 @@ def append_results(path, row):
     old = open(path, encoding='utf-8').read() if os.path.isfile(path) else ''
     buffer = io.StringIO()
     writer = csv.writer(buffer)
+    header = ','.join(RESULT_COLUMNS)
+    first, _, rest = old.partition('\n')
+    if header.startswith(first.rstrip('\r') + ','):
+        # a run resumed from before a column was added: the new header, the old rows
+        # (readers fill the missing last fields with empty values)
+        old = header + '\n' + rest
     if not old:
         writer.writerow(RESULT_COLUMNS)
     writer.writerow([f'{row[k]:.6g}' if isinstance(row[k], float) else row[k]
@@ -161,8 +178,10 @@ def plot_gamma_histogram(bn_modules, path, title):
 
 # ---------------------------------------------------------------- the run
 
-class Stop(Exception):
-    """SIGTERM during training: save last.pt and leave."""
+class Stop(BaseException):
+    """SIGTERM during training: save last.pt and leave. A BaseException, like
+    KeyboardInterrupt, so that library code catching Exception cannot swallow it (tqdm
+    does, when the signal lands while it starts its monitor thread)."""
 
 
 def _raise_stop(signum, frame):
@@ -193,7 +212,7 @@ def build_model(args, device, checkpoint):
         model.load_state_dict(checkpoint['model'])
     else:
         model = Darknet(args.cfg)
-        img_size = args.img_size or model.hyperparams.get('width') or 416
+        img_size = default_img_size(model, args.img_size)
         if args.weights:  # transfer: the convs that fit, the rest fresh (heads: priors)
             summary = transfer_weights(model, args.weights, args.cutoff, args.weights_cfg,
                                        img_size)
@@ -211,16 +230,59 @@ def frozen_parameters(model, layers, epoch, epochs):
     return [p for module in model.module_list[:layers] for p in module.parameters()]
 
 
+@dataclass
+class Run:
+    """What one training run holds between epochs: built by `setup`, advanced by
+    `run_epoch` and `commit_epoch`, closed by `finish`."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    model: nn.Module             # the model itself (checkpoints, evaluation)
+    net: nn.Module               # what the steps run: `model`, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    loader: object               # this process's share of the training images
+    dataset: object
+    valid_loader: object         # rank 0 only
+    options: dict                # the .data file
+    img_size: int
+    mode: str                    # the --prune set
+    bn_modules: list             # the BatchNorms that set penalises
+    teacher: object              # distillation teacher, or None
+    checkpoint: object           # the --resume checkpoint, or None
+    steps_per_epoch: int
+    warmup_steps: int
+    start_epoch: int = 0
+    best_fitness: float = -1.0
+    completed: int = -1          # the last epoch whose last.pt is written
+    penalty: Penalty = None      # -sr
+    monitor: Monitor = None      # --target-*: 'mAP if pruned now'
+
+    @property
+    def main_process(self):
+        return self.rank == 0
+
+    def path(self, name):
+        return os.path.join(self.args.output_dir, name)
+
+
 def train(args):
     """Train as `args` (get_args_parser) describe; returns the last epoch's metrics."""
+    run = setup(args)
+    epoch, metrics = epoch_loop(run)
+    finish(run, epoch)
+    return metrics
+
+
+def setup(args):
+    """Processes, model, data, optimizer and the resumed state: the Run before epoch 1."""
     device = select_device(args.device)
     rank, world = distributed_setup(device)
     if world > 1 and device.type == 'cuda':
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
-    main_process = rank == 0
     os.makedirs(args.output_dir, exist_ok=True)
-    last, best = (os.path.join(args.output_dir, n) for n in ('last.pt', 'best.pt'))
+    last = os.path.join(args.output_dir, 'last.pt')
     checkpoint = load_resume_checkpoint(last) if args.resume else None
 
     torch.manual_seed(args.seed)
@@ -228,135 +290,237 @@ def train(args):
     if args.data is None:
         args.data = demo.ensure_demo_data()
     options = parse_data_cfg(args.data)
-    if model.num_classes != options['classes']:
-        raise UserInputError(f'{args.data}: classes={options["classes"]} but the cfg detects '
-                             f'{model.num_classes}; make a cfg with derive_cfg.py --classes')
+    check_classes(model, options, args.data, 'the cfg', 'make a cfg with derive_cfg.py --classes')
     img_size = default_img_size(model, args.img_size)
     mode = SPARSITY_MODES[args.prune]
-    bn_modules = prunable_bn_modules(model, mode)
     teacher = (load_teacher(args.teacher_cfg, args.teacher_weights, model, device)
                if args.teacher_cfg else None)
-
-    train_list = require_data_key(options, 'train', args.data)
-    loader, dataset = create_dataloader(train_list, img_size, args.batch_size,
-                                        options['classes'], augment=args.augment,
+    loader, dataset = create_dataloader(require_data_key(options, 'train', args.data), img_size,
+                                        args.batch_size, options['classes'], augment=args.augment,
                                         workers=args.workers, stride=model.stride,
                                         shards=(rank, world, args.seed))
     valid_loader = None
-    if main_process:
+    if rank == 0:
         valid_loader, _ = create_dataloader(require_data_key(options, 'valid', args.data),
                                             img_size, args.batch_size, options['classes'],
                                             rect=True, workers=args.workers, stride=model.stride)
-
-    optimizer = make_optimizer(model, args.lr, args.momentum, args.weight_decay, args.optimizer)
-    start_epoch, best_fitness = 0, -1.0
-    results = os.path.join(args.output_dir, 'results.csv')
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        start_epoch, best_fitness = checkpoint['epoch'] + 1, checkpoint['best_fitness']
-        if start_epoch >= args.epochs:
-            raise UserInputError(f'{last}: the run already finished {start_epoch} epochs; '
-                                 'raise --epochs to train longer')
-        if main_process:
-            trim_results(results, start_epoch)
-    elif main_process:  # a fresh run (--exist-ok) starts its own results.csv
-        trim_results(results, 0)
-    net = DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = math.ceil(len(loader) / args.accumulate)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    run = Run(args, device, rank, world, model,
+              DistributedDataParallel(model) if world > 1 else model,
+              make_optimizer(model, args.lr, args.momentum, args.weight_decay, args.optimizer),
+              loader, dataset, valid_loader, options, img_size, mode,
+              prunable_bn_modules(model, mode), teacher, checkpoint, steps_per_epoch,
+              round(args.warmup_epochs * steps_per_epoch))
+    if args.sr:
+        add_sparsity(run)
+    restore(run)
+    if run.main_process:
+        print(describe_run(run))
+    return run
 
-    if main_process:
-        print(f'{args.cfg if checkpoint is None else last}: {count_parameters(model) / 1e6:.2f}M '
-              f'parameters, {len(dataset)} training images at {img_size}, {world} process(es), '
-              f'epochs {start_epoch + 1}..{args.epochs}' +
-              (f'; sparsity s={args.s} on {len(bn_modules)} BN layers ({mode} set)'
-               if args.sr else '') +
-              (f'; distilling from {args.teacher_cfg} (weight {args.distill_weight:g})'
-               if teacher is not None else ''))
+
+def add_sparsity(run):
+    """The penalty and, with a --target-*, the monitor (its plan is made once here, so an
+    unreachable target is refused before training)."""
+    args, model = run.args, run.model
+    target = monitor_target(args)
+    if target is not None:
+        score = lambda m: evaluate(m, run.valid_loader, run.options['classes'],
+                                   progress=False).metrics['map50']
+        load = lambda: calibration_batches(args.data, run.img_size, CALIBRATION_IMAGES,
+                                           args.batch_size, model.stride, args.workers)
+        run.monitor = Monitor(run.mode, *target, run.img_size, score, load, args.monitor_every)
+        run.monitor.plan(model)
+    run.penalty = Penalty(model, run.mode, args.penalty, args.s, args.proximal, args.s_schedule,
+                          args.epochs, run.monitor and (lambda m: run.monitor.plan(m).masks))
+
+
+def monitor_target(args):
+    """(kind, value) of the --target-* flag given, or None."""
+    return next(((kind, getattr(args, f'target_{kind}')) for kind in TARGET_FLAGS
+                 if getattr(args, f'target_{kind}') is not None), None)
+
+
+def restore(run):
+    """The resumed epoch count, best mAP and optimizer state; results.csv trimmed to match
+    (a fresh run, --exist-ok, starts its own)."""
+    results = run.path('results.csv')
+    if run.checkpoint is None:
+        if run.main_process:
+            trim_results(results, 0)
+        return
+    run.optimizer.load_state_dict(run.checkpoint['optimizer'])
+    run.start_epoch = run.checkpoint['epoch'] + 1
+    run.best_fitness = run.checkpoint['best_fitness']
+    run.completed = run.start_epoch - 1
+    if run.monitor is not None:
+        run.monitor.load_state_dict(run.checkpoint.get('monitor'))
+    if run.start_epoch >= run.args.epochs:
+        raise UserInputError(f'{run.path("last.pt")}: the run already finished '
+                             f'{run.start_epoch} epochs; raise --epochs to train longer')
+    if run.main_process:
+        trim_results(results, run.start_epoch)
+
+
+def describe_run(run):
+    args = run.args
+    return (f'{args.cfg if run.checkpoint is None else run.path("last.pt")}: '
+            f'{count_parameters(run.model) / 1e6:.2f}M parameters, {len(run.dataset)} training '
+            f'images at {run.img_size}, {run.world} process(es), '
+            f'epochs {run.start_epoch + 1}..{args.epochs}' +
+            (f'; sparsity s={args.s} on {len(run.bn_modules)} BN layers ({run.mode} set), '
+             f'penalty {args.penalty}{" (proximal)" if args.proximal else ""}, '
+             f'{args.s_schedule} schedule' if args.sr else '') +
+            (f'; monitoring {run.monitor.label} every {args.monitor_every} epoch(s)'
+             if run.monitor is not None else '') +
+            (f'; distilling from {args.teacher_cfg} (weight {args.distill_weight:g})'
+             if run.teacher is not None else ''))
+
+
+def epoch_loop(run):
+    """Train the remaining epochs; SIGTERM or Ctrl-C saves last.pt with the epochs done
+    and exits 130. Returns (last epoch, its metrics)."""
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal.signal(signal.SIGTERM, _raise_stop)
-    epoch, metrics, completed = start_epoch, {}, start_epoch - 1
+    epoch, metrics = run.start_epoch, {}
     try:
-        for epoch in range(start_epoch, args.epochs):
-            metrics = run_epoch(net, model, loader, optimizer, epoch, args, img_size,
-                                bn_modules, steps_per_epoch, warmup_steps, world, device,
-                                main_process, teacher)
-            if main_process:
-                metrics.update(epoch_end(model, valid_loader, options, mode))
-                fitness = metrics['map50']
-                # last.pt is written last: it commits the epoch. A run killed before it
-                # repeats the epoch on --resume, which drops the epoch's results row.
-                with signals_held():
-                    append_results(results, {'epoch': epoch + 1, **metrics})
-                    if fitness > best_fitness:
-                        best_fitness = fitness
-                        save_checkpoint(best, model, optimizer, epoch, best_fitness, args)
-                    save_checkpoint(last, model, optimizer, epoch, best_fitness, args)
-                    completed = epoch
-                print_epoch(epoch, args.epochs, metrics)
+        for epoch in range(run.start_epoch, run.args.epochs):
+            metrics = run_epoch(run, epoch)
+            if run.main_process:
+                metrics.update(epoch_end(run.model, run.valid_loader, run.options, run.mode))
+                due = run.monitor is not None and run.monitor.due(epoch, run.args.epochs)
+                metrics['pruned_map50'] = run.monitor.measure(run.model) if due else ''
+                commit_epoch(run, epoch, metrics)
+                print_epoch(epoch, run.args.epochs, metrics, run.monitor)
             barrier()
     except (KeyboardInterrupt, Stop):
         for s in previous:  # a second signal must not cut this save short
             signal.signal(s, signal.SIG_IGN)
-        if main_process:  # an epoch in progress is repeated on --resume
-            save_checkpoint(last, model, optimizer, completed, best_fitness, args)
-            print(f'stopped with {completed + 1} epoch(s) done; saved {last}; continue with '
-                  '--resume')
+        if run.main_process:  # an epoch in progress is repeated on --resume
+            _save(run, 'last.pt', run.completed)
+            print(f'stopped with {run.completed + 1} epoch(s) done; saved '
+                  f'{run.path("last.pt")}; continue with --resume')
         raise SystemExit(130)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         distributed_cleanup()
-    if main_process:
-        plot = os.path.join(args.output_dir, 'bn_gammas.png')
-        if bn_modules:
-            plot_gamma_histogram(bn_modules, plot, f'{os.path.basename(args.output_dir)}: '
-                                 f'{mode} set, epoch {epoch + 1}')
-        print(f'wrote {last}, {best}, results.csv' + (f', {plot}' if bn_modules else ''))
-    return metrics
+    return epoch, metrics
 
 
-def run_epoch(net, model, loader, optimizer, epoch, args, img_size, bn_modules,
-              steps_per_epoch, warmup_steps, world, device, main_process, teacher=None):
+def commit_epoch(run, epoch, metrics):
+    """The epoch's results row, best.pt when it improved, then last.pt. last.pt is written
+    last: it commits the epoch. A run killed before it repeats the epoch on --resume,
+    which drops the epoch's results row."""
+    with signals_held():
+        append_results(run.path('results.csv'), {'epoch': epoch + 1, **metrics})
+        if metrics['map50'] > run.best_fitness:
+            run.best_fitness = metrics['map50']
+            _save(run, 'best.pt', epoch)
+        pruned = metrics.get('pruned_map50', '')
+        if pruned != '' and pruned > run.monitor.best:  # NaN (target out of reach) never is
+            run.monitor.best = pruned
+            _save(run, 'best_pruned.pt', epoch, {'pruned_map50': pruned})
+        _save(run, 'last.pt', epoch)
+        run.completed = epoch
+
+
+def _save(run, name, epoch, extra=None):
+    if run.monitor is not None:
+        extra = {**(extra or {}), 'monitor': run.monitor.state_dict()}
+    more = (extra,) if extra else ()  # none: the six-argument call tests stand in for
+    save_checkpoint(run.path(name), run.model, run.optimizer, epoch, run.best_fitness, run.args,
+                    *more)
+
+
+def finish(run, epoch):
+    """The gamma histogram and the closing line (rank 0)."""
+    if not run.main_process:
+        return
+    plot = run.path('bn_gammas.png')
+    if run.bn_modules:
+        plot_gamma_histogram(run.bn_modules, plot, f'{os.path.basename(run.args.output_dir)}: '
+                             f'{run.mode} set, epoch {epoch + 1}')
+    written = [run.path('last.pt'), run.path('best.pt'), 'results.csv'] + (
+        [plot] if run.bn_modules else [])
+    if run.monitor is not None:
+        written += plot_pruned_map(run)
+    print('wrote ' + ', '.join(written))
+
+
+def plot_pruned_map(run):
+    """mAP and the monitor's pruned mAP per epoch, from results.csv (the whole run, also
+    across --resume); returns the files written."""
+    with open(run.path('results.csv'), encoding='utf-8', newline='') as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(row['epoch']) for row in rows]
+    plain = [float(row['map50']) for row in rows]
+    pruned = [(int(row['epoch']), float(row['pruned_map50'])) for row in rows
+              if row.get('pruned_map50')]
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(epochs, plain, 'o-', label='mAP@0.5')
+    if pruned:
+        axis.plot(*zip(*pruned), 's-', label=f'{run.monitor.label} mAP@0.5 (BN recalibrated)')
+    axis.set_xlabel('epoch')
+    axis.set_ylabel('mAP@0.5')
+    axis.set_ylim(bottom=0)
+    axis.legend()
+    axis.set_title(f'{os.path.basename(run.args.output_dir)}: {run.mode} mode', fontsize=9)
+    figure.tight_layout()
+    path = run.path('pruned_map.png')
+    save_figure(figure, path)
+    written = [path]
+    if os.path.isfile(run.path('best_pruned.pt')):
+        written.insert(0, run.path('best_pruned.pt'))
+    return written
+
+
+def run_epoch(run, epoch):
     """One pass over the training data; returns the mean losses and the last lr."""
-    net.train()
+    args, model, optimizer, device = run.args, run.model, run.optimizer, run.device
+    run.net.train()
     frozen = frozen_parameters(model, args.freeze, epoch, args.freeze_epochs)
     if frozen:  # frozen layers keep their BatchNorm statistics too
         for module in model.module_list[:args.freeze]:
             module.eval()
-    loader.sampler.set_epoch(epoch)
+    run.loader.sampler.set_epoch(epoch)
+    if run.penalty is not None:
+        run.penalty.start_epoch(epoch)
     totals, batches, start = torch.zeros(5), 0, time.time()  # box obj cls distill total
-    bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False,
-               disable=not main_process)
+    bar = tqdm(run.loader, desc=f'epoch {epoch + 1}/{args.epochs}', leave=False,
+               disable=not run.main_process)
     optimizer.zero_grad()
     generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     for i, (imgs, targets, _, _) in enumerate(bar):
-        step = epoch * steps_per_epoch + i // args.accumulate
-        lr = learning_rate(step, epoch, args.lr, args.epochs, warmup_steps, args.schedule)
+        step = epoch * run.steps_per_epoch + i // args.accumulate
+        lr = learning_rate(step, epoch, args.lr, args.epochs, run.warmup_steps, args.schedule)
         for group in optimizer.param_groups:
             group['lr'] = lr
         imgs, targets = imgs.to(device, non_blocking=True), targets.to(device)
         if args.multi_scale:  # a random side in [0.5, 1.5] x img_size, a multiple of the stride
-            stride = model.stride
+            stride, img_size = model.stride, run.img_size
             low, high = max(1, img_size // 2 // stride), (img_size * 3 // 2) // stride
             size = int(torch.randint(low, high + 1, (1,), generator=generator)) * stride
             imgs = F.interpolate(imgs, size=(size, size), mode='bilinear', align_corners=False)
-        heads = net(imgs)
+        heads = run.net(imgs)
         loss, items = compute_loss(heads, targets, model)
         distill = torch.zeros(1, device=device)
-        if teacher is not None:
+        if run.teacher is not None:
             with torch.no_grad():
-                taught = teacher(imgs, raw=True)
+                taught = run.teacher(imgs, raw=True)
             distill = args.distill_weight * distillation_loss(heads, taught).reshape(1)
             loss = loss + distill * imgs.shape[0]
         # DDP averages gradients over processes; scale back to the sum over all images
-        (loss * world).backward()
-        if (i + 1) % args.accumulate == 0 or i + 1 == len(loader):
-            if args.sr:
-                add_sparsity_gradient(bn_modules, args.s)
+        (loss * run.world).backward()
+        if (i + 1) % args.accumulate == 0 or i + 1 == len(run.loader):
+            if run.penalty is not None:
+                run.penalty.add_gradient()
             for p in frozen:  # the optimizer skips a parameter without a gradient
                 p.grad = None
             optimizer.step()
+            if run.penalty is not None:  # before zero_grad: frozen gammas have no gradient
+                run.penalty.proximal_step(lr)
             optimizer.zero_grad()
         items = items.detach().cpu()
         distill = distill.detach().cpu()
@@ -375,11 +539,13 @@ def epoch_end(model, valid_loader, options, mode):
             'max_safe_percent': sparsity['max_safe_percent']}
 
 
-def print_epoch(epoch, epochs, m):
+def print_epoch(epoch, epochs, m, monitor=None):
     distill = f' distill {m["distill"]:.3f}' if m['distill'] else ''
+    pruned = (f'  {monitor.label} mAP {m["pruned_map50"]:.3f} ({monitor.seconds:.1f} s)'
+              if m.get('pruned_map50', '') != '' else '')
     print(f'epoch {epoch + 1}/{epochs}  loss {m["loss"]:.3f} (box {m["box"]:.3f} obj '
           f'{m["obj"]:.3f} cls {m["cls"]:.3f}{distill})  P {m["precision"]:.3f} R {m["recall"]:.3f} '
-          f'mAP@0.5 {m["map50"]:.3f}  gammas<0.01 {m["gammas_below_0.01"]:.1%}  '
+          f'mAP@0.5 {m["map50"]:.3f}{pruned}  gammas<0.01 {m["gammas_below_0.01"]:.1%}  '
           f'max safe prune {m["max_safe_percent"]:.1%}  {m["seconds"]:.0f} s', flush=True)
 
 
@@ -423,6 +589,29 @@ def get_args_parser():
                         help='sparsity rate, L1 on gammas (under torchrun write --sparsity)')
     parser.add_argument('--prune', type=int, choices=(0, 1, 2), default=0,
                         help='gammas penalised: 0 normal/regular set, 1 shortcut set, 2 tiny set')
+    parser.add_argument('--penalty', choices=PENALTIES, default='l1',
+                        help='with -sr: l1 (s * |gamma|), group (group lasso over the convs of '
+                        'a shortcut group, --prune 1) or scaled (|gamma| weighted by the '
+                        'consumer criterion\'s reach); see docs/training.md')
+    parser.add_argument('--proximal', action='store_true', help='with -sr: apply the penalty '
+                        'as soft-thresholding after each optimizer step (exact zeros)')
+    parser.add_argument('--s-schedule', choices=S_SCHEDULES, default='constant',
+                        help='with -sr: constant; warmup (s ramps up over the first 20%% of '
+                        'the epochs); decay (from half the epochs on, 1%% of s on the '
+                        'channels a --target-* keeps)')
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument('--target-params', type=float, metavar='F',
+                        help='with -sr: after each epoch, the mAP of the model pruned (the '
+                        "prune script's defaults for --prune's mode, BN recalibrated) to "
+                        'remove the share F of the parameters (0.6: 60%%); best_pruned.pt '
+                        'keeps the best')
+    target.add_argument('--target-gmacs', type=float, metavar='F',
+                        help='the same, removing the share F of the multiply-accumulates')
+    target.add_argument('--target-percent', type=float, metavar='P',
+                        help="the same, cutting the share P of the prunable channels (the "
+                        "prune scripts' --percent)")
+    parser.add_argument('--monitor-every', type=int, default=1, metavar='K',
+                        help='measure the --target-* every K epochs (and after the last)')
     parser.add_argument('--teacher-cfg', help='knowledge distillation from this model (the '
                         'unpruned one) while fine-tuning a pruned --cfg/--weights')
     parser.add_argument('--teacher-weights', help="the teacher's .weights or .pt")
@@ -443,14 +632,36 @@ def check_args(args):
                              '(the unpruned model) or neither')
     if args.distill_weight < 0:
         raise UserInputError(f'--distill-weight {args.distill_weight}: must be >= 0')
+    check_sparsity_args(args)
     if args.cfg is None:
-        args.cfg = demo.YOLOV3['cfg']
-        args.img_size = args.img_size or demo.IMG_SIZE
-    if args.weights and os.path.abspath(args.weights) in {
-            os.path.abspath(os.path.join(args.output_dir, n)) for n in ('last.pt', 'best.pt')}:
+        use_demo(args, weights=None, data=False)
+    outputs = resolved_inputs(os.path.join(args.output_dir, n) for n in ('last.pt', 'best.pt'))
+    if args.weights and overwritten_input(args.weights, outputs):
         raise UserInputError(f'--weights {args.weights} would be overwritten by this run; '
                              'copy it elsewhere or choose another --output-dir')
     check_transfer_args(args)
+
+
+def check_sparsity_args(args):
+    """The penalty, schedule and monitor flags belong to sparsity training (-sr)."""
+    target = monitor_target(args)
+    target = target and f'--target-{target[0]} {target[1]:g}'
+    if not args.sr:
+        given = [flag for flag, on in ((target, target), ('--penalty', args.penalty != 'l1'),
+                                       ('--proximal', args.proximal),
+                                       ('--s-schedule', args.s_schedule != 'constant')) if on]
+        if given:
+            raise UserInputError(f'{given[0]}: belongs to sparsity training; add -sr (and '
+                                 '--s), or drop it')
+    for kind in TARGET_FLAGS:
+        value = getattr(args, f'target_{kind}')
+        if value is not None and not 0 < value < 1:
+            raise UserInputError(f'--target-{kind} {value}: must be in (0, 1), a share (0.6: 60%)')
+    if args.monitor_every < 1:
+        raise UserInputError(f'--monitor-every {args.monitor_every}: use 1 or more')
+    if args.s_schedule == 'decay' and target is None:
+        raise UserInputError('--s-schedule decay relaxes the penalty on the channels a target '
+                             'keeps: pass --target-params, --target-gmacs or --target-percent')
 
 
 def check_transfer_args(args):

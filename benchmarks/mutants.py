@@ -39,6 +39,7 @@ class Mutant(NamedTuple):
 
 
 PRUNE, MODELS, METRICS = 'utils/prune_utils.py', 'models.py', 'utils/metrics.py'
+LAYERS = 'utils/layers.py'
 FOLD_TESTS = ('tests/test_fold_exact.py',)
 
 MUTANTS = [
@@ -49,8 +50,7 @@ MUTANTS = [
            'conv.kernel_size[1] // 2]  # (out, in)',
            FOLD_TESTS),
     Mutant('shortcut-constant-drops-other', PRUNE,
-           "out = _activation(layer.get('activation', 'linear'))(previous + other)",
-           "out = _activation(layer.get('activation', 'linear'))(previous)",
+           '        return a + b\n', '        return a\n',
            FOLD_TESTS),
     Mutant('sparsity-overwrites-loss-gradient', PRUNE,
            'bn.weight.grad.add_(torch.sign(bn.weight.detach()), alpha=s)',
@@ -64,7 +64,7 @@ MUTANTS = [
            'out[~masks[i]] = act(beta[~masks[i]])', 'out[~masks[i]] = beta[~masks[i]]',
            FOLD_TESTS),
     Mutant('shortcut-group-scored-by-one-branch', PRUNE,
-           'return [torch.stack([gammas[i] for i in unit]).max(0).values for unit in units]',
+           'return [stack_unit([gammas[i] for i in unit]).max(0).values for unit in units]',
            'return [gammas[unit[0]] for unit in units]',
            ('tests/test_prune.py::test_shortcut_groups_keep_one_width_from_the_union_of_masks',)),
     Mutant('weights-gamma-beta-swapped', MODELS,
@@ -78,13 +78,13 @@ MUTANTS = [
     Mutant('ap-without-envelope', METRICS,
            'mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))', 'mpre = mpre',
            ('tests/test_metrics.py::test_map_agrees_with_pycocotools',)),
-    Mutant('anchor-w-h-swapped', MODELS,
+    Mutant('anchor-w-h-swapped', LAYERS,
            'pairs = [(anchors[2 * m], anchors[2 * m + 1]) for m in layer[\'mask\']]',
            'pairs = [(anchors[2 * m + 1], anchors[2 * m]) for m in layer[\'mask\']]',
            ('tests/test_models_conformance.py',)),
-    Mutant('route-group-id-ignored', MODELS,
-           'parts = [p.chunk(self.groups, dim=1)[self.group_id] for p in parts]',
-           'parts = [p.chunk(self.groups, dim=1)[0] for p in parts]',
+    Mutant('route-group-id-ignored', LAYERS,
+           'parts = [p[:, group_slice(p.shape[1], self.groups, self.group_id)] for p in inputs]',
+           'parts = [p[:, group_slice(p.shape[1], self.groups, 0)] for p in inputs]',
            ('tests/test_models_conformance.py',)),
     Mutant('percent-finder-not-minimal', PRUNE,
            '    while high - low > 1:\n', '    while high - low > 4:\n',
@@ -123,8 +123,8 @@ MUTANTS = [
            'block.BatchNorm2d.running_mean.add_(offset)',
            FOLD_TESTS),
     Mutant('shortcut-constant-without-activation', PRUNE,
-           "out = _activation(layer.get('activation', 'linear'))(previous + other)",
-           'out = previous + other',
+           'activate=lambda name, values: ACTIVATIONS[name].function(values))',
+           'activate=lambda name, values: values)',
            FOLD_TESTS),
     Mutant('batchnorm-decayed', 'train.py',
            'no_decay += [module.weight, module.bias]', 'decay += [module.weight, module.bias]',
@@ -165,13 +165,12 @@ MUTANTS = [
            "'scale_x_y': json.dumps([y.scale_x_y for y in model.yolo_layers])",
            "'scale_x_y': json.dumps([1.0 for y in model.yolo_layers])",
            ('tests/test_export.py', '-k', 'metadata')),
-    Mutant('shortcut-activation-before-sum', MODELS,
-           'return self.activation(x + outputs[self.source])',
-           'return self.activation(x) + outputs[self.source]',
+    Mutant('shortcut-activation-before-sum', LAYERS,
+           'total = x + other[:, :summed]', 'total = self.activation(x) + other[:, :summed]',
            ('tests/test_models_conformance.py',)),
-    Mutant('yolo-scale-x-y-offset-doubled', MODELS,
-           'xy = (torch.sigmoid(p[..., :2]) * s - (s - 1) / 2 + grid) * stride',
-           'xy = (torch.sigmoid(p[..., :2]) * s - (s - 1) + grid) * stride',
+    Mutant('yolo-scale-x-y-offset-doubled', LAYERS,
+           'xy = (torch.sigmoid(raw[..., :2]) * s - (s - 1) / 2 + grid) * stride',
+           'xy = (torch.sigmoid(raw[..., :2]) * s - (s - 1) + grid) * stride',
            ('tests/test_models_conformance.py',)),
     Mutant('iou-union-plus-intersection', METRICS,
            'union = area1[:, None] + area2[None, :] - inter',
@@ -192,10 +191,8 @@ MUTANTS = [
            'weight = weight / std.view(-1, 1, 1, 1)', 'weight = weight',
            ('tests/test_criteria.py', '-k', 'rescaled_layer_as_before and consumer')),
     Mutant('taylor-squares-each-conv-before-summing', 'utils/importance.py',
-           'change = sum(bns[i].weight.detach() * grads[i] for i in unit)\n'
-           '                totals[u] += change.float().cpu() ** 2',
-           'change = sum((bns[i].weight.detach() * grads[i]) ** 2 for i in unit)\n'
-           '                totals[u] += change.float().cpu()',
+           'for i in unit]).sum(0)\n                totals[u] += change ** 2',
+           'for i in unit]).pow(2).sum(0)\n                totals[u] += change',
            ('tests/test_criteria.py', '-k', 'taylor_is_the_derivative')),
     Mutant('lamp-tail-from-the-wrong-end', 'utils/importance.py',
            'tails = squares[order].flip(0).cumsum(0).flip(0)',
@@ -207,6 +204,14 @@ MUTANTS = [
     Mutant('recalibration-always-keeps-variances', PRUNE,
            '            if not variances:\n', '            if True:\n',
            ('tests/test_criteria.py', '-k', 'first_bn_holds')),
+    # ---- partial residuals (the layer-type registry's proof)
+    Mutant('partial-residual-adds-nothing', LAYERS,
+           'total = torch.cat((x[:, :summed] + other, x[:, summed:]), 1)',
+           'total = torch.cat((x[:, :summed], x[:, summed:]), 1)',
+           ('tests/test_models_conformance.py', '-k', 'partial_residual')),
+    Mutant('partial-residual-graph-sums-the-previous-width', LAYERS,
+           'summed = min(len(previous), len(other))\n', 'summed = len(previous)\n',
+           ('tests/test_partial_residual.py',)),
 ]
 
 

@@ -34,11 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 from models import Darknet, darknet_float_count, load_weights  # noqa: E402
-from test import evaluate  # noqa: E402
 from train import main as train_main  # noqa: E402
 from utils import demo  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
+from utils.evaluate import evaluate  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
 from utils.parse_config import parse_data_cfg  # noqa: E402
 from utils.plots import pyplot, save_figure  # noqa: E402

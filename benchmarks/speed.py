@@ -43,9 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 from models import Darknet, load_weights  # noqa: E402
-from test import evaluate  # noqa: E402
 from utils import demo  # noqa: E402
 from utils.datasets import LoadImagesAndLabels, create_dataloader  # noqa: E402
+from utils.evaluate import evaluate  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
 from utils.onnx_utils import OnnxModel, export_onnx, ort_session, quantize_int8  # noqa: E402
 from utils.plots import pyplot, save_figure  # noqa: E402

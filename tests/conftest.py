@@ -87,6 +87,16 @@ def features_cfg():
     return os.path.join(TEST_CFGS, 'features.cfg')
 
 
+@pytest.fixture(scope='session')
+def demo_shapes(tmp_path_factory):
+    """A small shapes set (.data path) at the demo models' 128 px, made once per session:
+    16 train images (calibration), 24 valid images (evaluation)."""
+    from data.make_shapes import generate
+    folder = tmp_path_factory.mktemp('demo_shapes')
+    return str(generate(folder, seed=11, n_train=16, n_valid=24, img_size=128, workers=1,
+                        progress=False))
+
+
 @pytest.fixture(scope='module')
 def one_thread():
     """Tiny models: one thread is as fast, and does not spin against other work."""

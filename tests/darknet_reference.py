@@ -97,7 +97,13 @@ def darknet_forward(cfg_path, weights_path, image):
                                 for p in parts])
         elif kind == 'shortcut':
             r = layer['from'][0]
-            x = ACTIVATIONS[layer.get('activation', 'linear')](x + outputs[r if r >= 0 else i + r])
+            added = outputs[r if r >= 0 else i + r]
+            x = x.copy()
+            # as Darknet's shortcut_cpu: over the smaller channel count (a partial
+            # residual), the previous layer's other channels unchanged
+            for k in range(min(x.shape[0], added.shape[0])):
+                x[k] += added[k]
+            x = ACTIVATIONS[layer.get('activation', 'linear')](x)
         else:
             heads.append(_decode(x, layer, image.shape[1:]))
         outputs.append(x)

@@ -422,8 +422,7 @@ def _entry(script):
         from utils.prune_cli import main
         mode = script[len('prune_'):-len('.py')]
         return lambda argv: main(mode, argv)
-    module = 'utils.layer_prune' if script == 'prune_layer.py' else script[:-len('.py')]
-    return importlib.import_module(module).main
+    return importlib.import_module(script[:-len('.py')]).main
 
 
 def _outputs(script, args, out):

@@ -60,7 +60,7 @@ CASES = [
     ('test.py', ['--cfg', CFG, '--weights', '{d}/other.pt', '--data', '{d}/bad_class.data'],
      'the checkpoint is for another cfg'),
     ('convert_weights.py', ['--cfg', CFG, '--weights', '{d}/good.weights', '--output',
-                            '{d}/good.weights'], 'is the input file'),
+                            '{d}/good.weights'], 'would overwrite an input file'),
     ('derive_cfg.py', ['--cfg', CFG, '--width', '-1', '--output', '{d}/new.cfg'],
      '--width -1.0: must be positive'),
 ]

@@ -16,7 +16,7 @@ from conftest import TEST_CFGS, randomize_weights
 from models import Darknet
 from utils.importance import CRITERIA, _lamp, channel_costs, unit_scores
 from utils.loss import compute_loss
-from utils.prune_utils import (analyze_graph, compact_cost, find_percent, plan_masks, prune,
+from utils.prune_utils import (compact_cost, find_percent, plan_masks, prune,
                                prunable_units, rank_channels, recalibrate_bn)
 from utils.torch_utils import count_macs, count_parameters
 

@@ -1,6 +1,6 @@
 """The shipped demo models: they detect, and the zero-argument prune runs work on them.
 
-The mAP here is computed by `test.evaluate` on the generated validation set, apart
+The mAP here is computed by `utils.evaluate.evaluate` on the generated validation set, apart
 from the training runs that reported theirs; the prune script's printed figures are
 checked against the written files reloaded and evaluated again.
 """
@@ -13,9 +13,9 @@ import pytest
 
 from conftest import ROOT
 from models import Darknet, load_weights
-from test import evaluate
 from utils import demo
 from utils.datasets import create_dataloader
+from utils.evaluate import evaluate
 from utils.parse_config import parse_data_cfg
 
 SHIPPED = [(spec['cfg'], spec[key]) for spec in (demo.YOLOV3, demo.TINY)

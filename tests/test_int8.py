@@ -16,7 +16,6 @@ import torch
 from conftest import ROOT
 
 import export
-from data.make_shapes import generate
 from utils.datasets import LoadImagesAndLabels
 from utils.errors import UserInputError
 from utils.metrics import box_iou, non_max_suppression
@@ -27,13 +26,6 @@ IMG = 128
 
 pytestmark = [pytest.mark.usefixtures('one_thread'),
               pytest.mark.skipif(not os.path.isfile(WEIGHTS), reason='demo weights not trained')]
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('shapes')
-    return str(generate(folder, seed=12, n_train=16, n_valid=12, img_size=IMG, workers=1,
-                        progress=False))
 
 
 def test_int8_without_calibration_data_is_refused_and_writes_nothing(tmp_path):
@@ -51,8 +43,8 @@ def _detections(path, images):
     return non_max_suppression(torch.from_numpy(outputs), 0.3, 0.5)
 
 
-def test_int8_file_finds_what_the_fp32_file_finds(shapes, tmp_path):
-    result = export.main(['--cfg', CFG, '--weights', WEIGHTS, '--int8', '--data', shapes,
+def test_int8_file_finds_what_the_fp32_file_finds(demo_shapes, tmp_path):
+    result = export.main(['--cfg', CFG, '--weights', WEIGHTS, '--int8', '--data', demo_shapes,
                           '--calibrate-images', '16', '--output-dir', str(tmp_path)])
     fp32, int8 = result['path'], result['int8_path']
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (fp32, int8))
@@ -64,7 +56,7 @@ def test_int8_file_finds_what_the_fp32_file_finds(shapes, tmp_path):
     kept_float = 3  # the first conv and the two head convs
     assert len(int8_kernels) == len(convs) - kept_float  # every other conv's kernel is 8-bit
     assert any(n.op_type == 'QuantizeLinear' for n in graph.node)
-    valid = os.path.join(os.path.dirname(shapes), 'valid.txt')
+    valid = os.path.join(os.path.dirname(demo_shapes), 'valid.txt')
     images = [LoadImagesAndLabels(valid, IMG)[k][0].numpy() for k in range(12)]
     found, reference = _detections(int8, images), _detections(fp32, images)
     matched = total = 0

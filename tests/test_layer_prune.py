@@ -21,17 +21,11 @@ from conftest import (ROOT, TEST_CFGS, assert_same_detections, opencv_detections
                       randomize_weights)
 
 from models import Darknet, load_weights, save_weights
+from prune_layer import get_args_parser, main
 from utils import prune_cli
 from utils.errors import UserInputError
-from utils.layer_prune import (
-    find_blocks,
-    get_args_parser,
-    layer_prune,
-    main,
-    rank_blocks,
-    remove_blocks,
-    silenced_difference,
-)
+from utils.layer_prune import (find_blocks, layer_prune, rank_blocks, remove_blocks,
+                               silenced_difference)
 from utils.parse_config import parse_model_cfg
 from utils.prune_utils import output_difference, prune
 

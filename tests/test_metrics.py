@@ -311,7 +311,7 @@ def test_letterboxed_detections_map_back_to_original_pixels(seed):
     floating point too, which steps of 0.1 do not at 0.7), pycocotools' AP
     is (1 + 100 * continuous AP) / 101 at every IoU threshold; a mapping off by a
     fraction of a pixel changes the matches at the high thresholds."""
-    from test import _coco_rows
+    from utils.evaluate import _coco_rows
     images = _letterboxed_eval_set(seed)
     tp, conf, pred_cls, target_cls, rows = [], [], [], [], []
     truth = {'images': [], 'annotations': [], 'categories': [{'id': 0}, {'id': 1}]}

@@ -10,7 +10,8 @@ from conftest import SHIPPED_CFGS, TEST_CFGS, opencv_detections, randomize_weigh
 from darknet_reference import darknet_forward
 from models import Darknet, load_darknet_weights, save_weights
 
-OPENCV_CFGS = SHIPPED_CFGS + [os.path.join(TEST_CFGS, 'features.cfg')]
+OPENCV_CFGS = SHIPPED_CFGS + [os.path.join(TEST_CFGS, name)
+                              for name in ('features.cfg', 'partial_residual.cfg')]
 
 
 def _ours(model, image):
@@ -55,7 +56,7 @@ def test_model_matches_opencv_on_non_square_input(tmp_path):
                              opencv_detections(cfg, weights, image, model), True)
 
 
-@pytest.mark.parametrize('name', ['features.cfg', 'route_groups2.cfg'])
+@pytest.mark.parametrize('name', ['features.cfg', 'route_groups2.cfg', 'partial_residual.cfg'])
 def test_model_matches_numpy_reference(name, tmp_path):
     cfg = os.path.join(TEST_CFGS, name)
     model = randomize_weights(Darknet(cfg), seed=3)
@@ -98,7 +99,7 @@ def test_train_mode_returns_raw_heads_that_decode_to_eval_output(features_cfg):
 @pytest.mark.parametrize('size, stride', [(2, 1), (3, 1), (5, 1), (13, 1), (2, 2), (3, 2)])
 def test_maxpool_matches_a_padded_max_pool2d(size, stride):
     """Darknet pooling: padding size - 1, split low/high, filled with -inf."""
-    from models import MaxPool
+    from utils.layers import MaxPool
     x = torch.randn(2, 3, 12, 10)
     low = (size - 1) // 2
     out_h, out_w = ((n + size - 1 - size) // stride + 1 for n in (12, 10))

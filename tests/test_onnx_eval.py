@@ -14,7 +14,6 @@ import torch
 from conftest import ROOT
 
 import test as test_script
-from data.make_shapes import generate
 from models import Darknet, load_weights
 from utils.errors import UserInputError
 from utils.onnx_utils import OnnxModel, export_onnx
@@ -28,13 +27,6 @@ pytestmark = [pytest.mark.usefixtures('one_thread'),
 
 
 @pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('shapes')
-    return str(generate(folder, seed=11, n_train=8, n_valid=24, img_size=IMG, workers=1,
-                        progress=False))
-
-
-@pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     """The demo tiny model and its export, decoded detections, fixed batch 1."""
     model = load_weights(Darknet(CFG), WEIGHTS).eval()
@@ -43,9 +35,9 @@ def exported(tmp_path_factory):
     return model, path
 
 
-def test_onnx_map_equals_pytorch_map(shapes, exported, tmp_path):
+def test_onnx_map_equals_pytorch_map(demo_shapes, exported, tmp_path):
     _, path = exported
-    common = ['--data', shapes, '--workers', '0', '--batch-size', '5']
+    common = ['--data', demo_shapes, '--workers', '0', '--batch-size', '5']
     ours = test_script.main(['--cfg', CFG, '--weights', WEIGHTS] + common)
     metrics = str(tmp_path / 'onnx-metrics.json')
     theirs = test_script.main(['--weights', path, '--metrics-json', metrics] + common)
@@ -68,17 +60,17 @@ def test_onnx_model_runs_each_image_of_a_batch(exported):
     assert np.abs(theirs - ours).max() <= 1e-4 * np.abs(ours).max()
 
 
-def test_raw_heads_file_is_refused(exported, tmp_path, shapes):
+def test_raw_heads_file_is_refused(exported, tmp_path, demo_shapes):
     model, _ = exported
     raw = str(tmp_path / 'raw.onnx')
     export_onnx(model, raw, IMG, raw_heads=True)
     with pytest.raises(UserInputError, match='without --raw-heads'):
-        test_script.main(['--weights', raw, '--data', shapes])
+        test_script.main(['--weights', raw, '--data', demo_shapes])
 
 
-def test_wrong_img_size_and_missing_data_are_refused(exported, shapes):
+def test_wrong_img_size_and_missing_data_are_refused(exported, demo_shapes):
     _, path = exported
     with pytest.raises(UserInputError, match='exported for 128x128'):
-        test_script.main(['--weights', path, '--data', shapes, '--img-size', '160'])
+        test_script.main(['--weights', path, '--data', demo_shapes, '--img-size', '160'])
     with pytest.raises(UserInputError, match='--data is required'):
         test_script.main(['--weights', path])

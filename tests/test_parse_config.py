@@ -112,8 +112,12 @@ def test_missing_and_binary_cfg_are_refused(tmp_path):
 
 
 def test_model_refuses_shapes_that_cannot_connect(tmp_path):
-    shortcut = NET + CONV.format(f=14) + CONV.format(f=16) + '[shortcut]\nfrom=-2\n' + HEAD.format(f=14)
-    with pytest.raises(UserInputError, match=r'layer 2 \[shortcut\]: adds layer 0 \(14 channels\)'):
+    # different widths are a partial residual (tests/test_partial_residual.py); different
+    # spatial sizes cannot be added
+    shortcut = (NET + CONV.format(f=14) + CONV.format(f=14).replace('stride=1', 'stride=2')
+                + '[shortcut]\nfrom=-2\n' + HEAD.format(f=14))
+    with pytest.raises(UserInputError, match=r'layer 2 \[shortcut\]: adds layer 0 to layer 1, '
+                                             'whose outputs differ in spatial size'):
         Darknet(_write(tmp_path, shortcut))
     groups = NET + CONV.format(f=15) + '[route]\nlayers=-1\ngroups=2\ngroup_id=0\n' + HEAD.format(f=14)
     with pytest.raises(UserInputError, match=r'layer 1 \[route\]: groups=2 does not divide'):

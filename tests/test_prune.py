@@ -29,6 +29,7 @@ IMG = 64
 FEATURES = os.path.join(TEST_CFGS, 'features.cfg')              # shortcut, SPP pools, groups
 SMALL_DETECTOR = os.path.join(TEST_CFGS, 'small_detector.cfg')  # no shortcut: tiny mode
 RESIDUAL_CHAIN = os.path.join(TEST_CFGS, 'residual_chain.cfg')  # two shortcut groups
+PARTIAL_RESIDUAL = os.path.join(TEST_CFGS, 'partial_residual.cfg')  # sums of unequal widths
 FULL_CFGS = [os.path.join(ROOT, 'cfg', name) for name in
              ('yolov3.cfg', 'yolov3-spp.cfg', 'yolov3-tiny.cfg', 'yolov4-tiny.cfg')]
 
@@ -44,7 +45,7 @@ def _cases(cfgs):
             for cfg in cfgs for mode in _modes(cfg)]
 
 
-SMALL_CASES = _cases([FEATURES, SMALL_DETECTOR, RESIDUAL_CHAIN])
+SMALL_CASES = _cases([FEATURES, SMALL_DETECTOR, RESIDUAL_CHAIN, PARTIAL_RESIDUAL])
 FULL_CASES = _cases(FULL_CFGS)
 
 
@@ -70,7 +71,8 @@ def _gamma(model, conv):
 
 def _sparsify(model, units, seed, kind, chosen=None, least=0.25):
     """Make a random share (`least` to 3/4, never none or all) of the channels of each
-    chosen unit (default: all) prunable, the same channels in every conv of a unit:
+    chosen unit (default: all) prunable, the same channels in every conv of a unit (a
+    narrower conv of a partial residual: those among its channels):
       'zero'      gamma = beta = 0: the channels output exactly 0;
       'constant'  gamma = 0, beta left random: they output exactly act(beta);
       'small'     |gamma| in [1e-4, 1e-2], any sign, beta left random.
@@ -79,14 +81,16 @@ def _sparsify(model, units, seed, kind, chosen=None, least=0.25):
     doomed = {}
     with torch.no_grad():
         for unit in units:
-            width = model.module_list[unit[0]].BatchNorm2d.num_features
+            width = max(model.module_list[conv].BatchNorm2d.num_features for conv in unit)
             mask = torch.zeros(width, dtype=torch.bool)
             if chosen is None or unit in chosen:
                 count = int(rng.integers(max(1, math.ceil(least * width)),
                                          3 * width // 4 + 1))
                 mask[torch.from_numpy(rng.choice(width, count, replace=False))] = True
+            unit_mask = mask
             for conv in unit:
                 bn = model.module_list[conv].BatchNorm2d
+                mask = unit_mask[:bn.num_features]
                 if kind == 'small':
                     count = int(mask.sum())
                     small = rng.uniform(1e-4, 1e-2, count) * rng.choice([-1, 1], count)
@@ -190,7 +194,8 @@ def _check_masks(plan, doomed, mode):
 def _check_written_widths(cfg, written_cfg, mode, round_to=None):
     """Only the filters of the mode's prunable convs change; regular widths are powers
     of two (8..1024) or multiples of round_to, or the layer's own width; every
-    shortcut group of the original cfg has one width in the written one."""
+    shortcut group of the original cfg keeps its convs' order of widths (one width
+    where they were equal; a partial residual's narrower conv stays no wider)."""
     hyperparams, layers = parse_model_cfg(cfg)
     written_hyperparams, written = parse_model_cfg(written_cfg)
     assert written_hyperparams == hyperparams
@@ -210,7 +215,12 @@ def _check_written_widths(cfg, written_cfg, mode, round_to=None):
             else:
                 assert width in [2 ** k for k in range(3, 11)], f'layer {i}: {width} filters'
     for group in analyze_graph(layers).shortcut_groups:
-        assert len({written[conv]['filters'] for conv in group}) == 1, sorted(group)
+        for a in group:
+            for b in group:
+                if layers[a]['filters'] <= layers[b]['filters']:
+                    assert written[a]['filters'] <= written[b]['filters'], (a, b)
+                if layers[a]['filters'] == layers[b]['filters']:
+                    assert written[a]['filters'] == written[b]['filters'], (a, b)
     return layers, written
 
 

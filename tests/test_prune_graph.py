@@ -6,7 +6,8 @@ import torch
 
 from conftest import TEST_CFGS
 from utils.errors import UserInputError
-from utils.parse_config import parse_model_cfg, resolve_refs
+from utils.layers import resolve_refs
+from utils.parse_config import parse_model_cfg
 from utils.prune_utils import (add_sparsity_gradient, analyze_graph, prunable_convs,
                                sparsity_report)
 

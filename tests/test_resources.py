@@ -35,12 +35,13 @@ import json, sys
 root, cfg, weights, data, conf, cache = sys.argv[1:7]
 sys.path.insert(0, root)
 import test
+import utils.evaluate
 found = {'detections': 0}
-summarise = test._summarise
+summarise = utils.evaluate._summarise
 def counting_summarise(matched, *args):
     found['detections'] = sum(len(scores) for _, scores, _ in matched)
     return summarise(matched, *args)
-test._summarise = counting_summarise
+utils.evaluate._summarise = counting_summarise
 if cache == '1':  # the control: a loader that keeps every decoded image
     import utils.datasets
     kept, load_image = [], utils.datasets.load_image

@@ -30,9 +30,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 # ---------------------------------------------------------------- sparsity gradient
 
-@pytest.mark.parametrize('add', [add_sparsity_gradient, train.add_sparsity_gradient],
-                         ids=['prune_utils', 'train'])
-def test_sparsity_gradient_is_added_to_the_loss_gradient(add):
+def test_sparsity_gradient_is_added_to_the_loss_gradient():
     """backward(loss) then the penalty == backward(loss + s * sum |gamma|): autograd's
     gradient of |gamma| is sign(gamma), 0 at 0."""
     s = 0.01
@@ -49,7 +47,7 @@ def test_sparsity_gradient_is_added_to_the_loss_gradient(add):
         else:
             loss.backward()
             assert all(float(bn.weight.grad.abs().max()) > 10 * s for bn in bns)
-            add(bns, s)
+            add_sparsity_gradient(bns, s)
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
@@ -157,7 +155,6 @@ def test_training_penalises_the_prune_flags_set(prune, shapes4, tmp_path, monkey
         seen.append((list(bn_modules), s))
         raise _Penalised()
 
-    monkeypatch.setattr(train, 'add_sparsity_gradient', penalty)
     monkeypatch.setattr(prune_utils, 'add_sparsity_gradient', penalty)
     models = []
     real_make_optimizer = train.make_optimizer

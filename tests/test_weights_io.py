@@ -143,7 +143,7 @@ def test_convert_round_trip_is_bit_exact(model, tmp_path):
     assert _same_tensors(load_weights(Darknet(CFG), pt), model)
     convert_weights(CFG, pt, back)
     assert _same_tensors(load_weights(Darknet(CFG), back), model)
-    with pytest.raises(UserInputError, match='is the input file'):
+    with pytest.raises(UserInputError, match='would overwrite an input file'):
         convert_weights(CFG, pt, pt)
 
 

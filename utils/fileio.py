@@ -94,6 +94,27 @@ def require_output_file(path, flag='--output'):
     return path
 
 
+def resolved_inputs(paths):
+    """{real path: path} of `paths` (None skipped), for `overwritten_input`: symlinks
+    resolved, so a link to an input is that input (abspath would not see it)."""
+    return {os.path.realpath(p): p for p in paths if p}
+
+
+def overwritten_input(path, inputs):
+    """The input that writing `path` would replace, or None. `inputs`: paths, or
+    resolved_inputs' dict when many outputs are checked against one long list."""
+    inputs = inputs if isinstance(inputs, dict) else resolved_inputs(inputs)
+    return inputs.get(os.path.realpath(path))
+
+
+def refuse_overwrite(path, inputs, fix, flag=None):
+    """Refuse to write `path` over one of `inputs`: '[FLAG ]PATH: would overwrite an input
+    file; FIX'."""
+    if overwritten_input(path, inputs):
+        named = f'{flag} {path}' if flag else path
+        raise UserInputError(f'{named}: would overwrite an input file; {fix}')
+
+
 # ---------------------------------------------------------------- atomic writes
 
 def _pid_alive(pid):

@@ -39,8 +39,16 @@ def _gamma(model, conv):
     return model.module_list[conv].BatchNorm2d.weight.detach().abs().float().cpu()
 
 
+def stack_unit(values):
+    """(convs, C) of per-conv (C_i,) values of one unit, zero-filled where a conv is
+    narrower: a partial residual sums only the first channels, so channel k of a unit is
+    channel k of every conv that has one (a max over convs needs values >= 0)."""
+    width = max(len(v) for v in values)
+    return torch.stack([torch.cat((v, v.new_zeros(width - len(v)))) for v in values])
+
+
 def _best_branch(model, unit, per_conv):
-    return torch.stack([per_conv(_gamma(model, i)) for i in unit]).max(0).values
+    return stack_unit([per_conv(_gamma(model, i)) for i in unit]).max(0).values
 
 
 def _lamp(gamma):
@@ -105,11 +113,12 @@ def channel_costs(model, info, units, measure='params', img_size=None):
     where = {}  # (conv, channel) -> (unit index, channel)
     costs = []
     for u, unit in enumerate(units):
-        width = len(_gamma(model, unit[0]))
+        width = max(len(_gamma(model, i)) for i in unit)
         costs.append(torch.zeros(width, dtype=torch.float64))
         for i in unit:
-            costs[u] += _own_cost(model, i, measure) * cells(i)
-            for c in range(width):
+            own = len(_gamma(model, i))
+            costs[u][:own] += _own_cost(model, i, measure) * cells(i)
+            for c in range(own):
                 where[(i, c)] = (u, c)
     for j, positions in _input_positions(model, info):
         count, _ = _consumer_columns(model, j)
@@ -121,19 +130,23 @@ def channel_costs(model, info, units, measure='params', img_size=None):
     return [c.float() for c in costs]
 
 
-def _consumer_scores(model, info, units):
-    reach = {}  # (conv, channel) -> sum of squares of the normalised weights reading it
+def consumer_reach(model, info, convs):
+    """{conv: (C,)} the root sum of squares of the normalised weights that read each
+    output channel of `convs`: what the consumer criterion multiplies |gamma| by."""
+    wanted, energy = set(convs), {}  # (conv, channel) -> sum of squares
     for j, positions in _input_positions(model, info):
-        _, energy = _consumer_columns(model, j)
+        _, columns = _consumer_columns(model, j)
         for p, origin in positions:
             for o in origin:
-                reach[o] = reach.get(o, 0.0) + float(energy[p])
-    scores = []
-    for unit in units:
-        gamma = [_gamma(model, i) for i in unit]
-        scores.append(sum(g * torch.tensor([reach.get((i, c), 0.0) for c in range(len(g))]).sqrt()
-                          for i, g in zip(unit, gamma)))
-    return scores
+                if o[0] in wanted:
+                    energy[o] = energy.get(o, 0.0) + float(columns[p])
+    return {i: torch.tensor([energy.get((i, c), 0.0) for c in range(len(_gamma(model, i)))]).sqrt()
+            for i in sorted(wanted)}
+
+
+def _consumer_scores(model, info, units):
+    reach = consumer_reach(model, info, [i for unit in units for i in unit])
+    return [stack_unit([_gamma(model, i) * reach[i] for i in unit]).sum(0) for unit in units]
 
 
 def _taylor_scores(model, units, batches):
@@ -145,7 +158,7 @@ def _taylor_scores(model, units, batches):
     was_training = model.training
     model.eval()
     bns = {i: model.module_list[i].BatchNorm2d for unit in units for i in unit}
-    totals = [torch.zeros(len(_gamma(model, unit[0]))) for unit in units]
+    totals = [torch.zeros(max(len(_gamma(model, i)) for i in unit)) for unit in units]
     try:
         for imgs, targets in batches:
             for bn in bns.values():
@@ -156,8 +169,10 @@ def _taylor_scores(model, units, batches):
                 gammas = [bn.weight for bn in bns.values()]
                 grads = dict(zip(bns, torch.autograd.grad(loss, gammas)))
             for u, unit in enumerate(units):
-                change = sum(bns[i].weight.detach() * grads[i] for i in unit)
-                totals[u] += change.float().cpu() ** 2
+                # signed terms: zero-filling a narrower conv adds nothing to the sum
+                change = stack_unit([(bns[i].weight.detach() * grads[i]).float().cpu()
+                                     for i in unit]).sum(0)
+                totals[u] += change ** 2
     finally:
         model.train(was_training)
     return [t / len(batches) for t in totals]

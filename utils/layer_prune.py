@@ -14,25 +14,17 @@ shape, so their weights are copied as they are.
    re-indexed, and a new model with the remaining weights copied.
 4. `layer_prune`: 1-3 for the N weakest blocks, then, given a percent, shortcut-mode
    channel pruning of the result (utils.prune_utils), each step checked on itself.
-`main(argv)` is the prune_layer.py command.
+prune_layer.py is its command: flags, the printed tables, the written files.
 """
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
-from terminaltables import AsciiTable
 
 from models import Darknet, conv_layers
-from utils.errors import ArgumentParser, UserInputError
-from utils.fileio import require_output_dir
-from utils.parse_config import resolve_refs
-from utils.prune_cli import (add_common_args, describe_plan, fill_demo_defaults, layer_table,
-                             load_model, measure, output_paths, refuse_difference,
-                             summary_table, write_outputs)
+from utils.errors import UserInputError
+from utils.layers import layer_type, resolve_refs
 from utils.prune_utils import output_difference, plan_masks, prune
-
-REF_KEYS = {'route': 'layers', 'shortcut': 'from'}  # the keys that hold layer indices
 
 
 # ---------------------------------------------------------------- blocks
@@ -81,8 +73,7 @@ def _readers(layers):
     """{layer: [layers that name it in route `layers` or shortcut `from`]}."""
     readers = {}
     for j, layer in enumerate(layers):
-        key = REF_KEYS.get(layer['type'])
-        for target in resolve_refs(j, layer[key]) if key else []:
+        for target in layer_type(layer).sources(j, layer):
             readers.setdefault(target, []).append(j)
     return readers
 
@@ -105,6 +96,15 @@ def _obstacle(layers, shortcut, source, readers):
     return None
 
 
+def _partial(model, shortcut, source):
+    """Why a partial residual cannot go: without its branch its width would change."""
+    widths = model.out_channels
+    if widths[source] != widths[shortcut]:
+        return (f'a partial residual: layer {source} has {widths[source]} channels, the sum '
+                f'{widths[shortcut]}')
+    return None
+
+
 def find_blocks(model):
     """Every [shortcut] of `model` as a Block, in layer order."""
     layers = model.module_defs
@@ -114,7 +114,7 @@ def find_blocks(model):
         if layer['type'] != 'shortcut':
             continue
         source = resolve_refs(s, layer['from'])[0]
-        obstacle = _obstacle(layers, s, source, readers)
+        obstacle = _obstacle(layers, s, source, readers) or _partial(model, s, source)
         branch_is_convs = all(layers[k]['type'] == 'convolutional' for k in range(source + 1, s))
         score = block_score(model, range(source + 1, s)) if branch_is_convs else None
         blocks.append(Block(len(blocks), s, source, score, obstacle))
@@ -153,7 +153,7 @@ def renumber(layers, removed):
             continue
         new_index[i] = len(kept)
         layer = copy.deepcopy(layer)
-        key = REF_KEYS.get(layer['type'])
+        key = layer_type(layer).refs  # the key that holds layer indices
         if key:
             targets = [new_index[t] for t in resolve_refs(i, layer[key])]
             layer[key] = [t - new_index[i] if ref < 0 else t
@@ -267,78 +267,3 @@ def layer_prune(model, layers=None, percent=None, layer_keep=None, check_size=No
         keep_size, result.compact = prune(depth, result.plan)
         result.difference = output_difference(keep_size, result.compact, check_size)
     return result
-
-
-# ---------------------------------------------------------------- the command
-
-def get_args_parser():
-    parser = add_common_args(ArgumentParser(
-        description='Remove the weakest residual blocks of a sparsity-trained Darknet model '
-                    '(and with --percent prune channels, shortcut mode, in the same run); '
-                    'write the compact cfg + weights. With no arguments: the sparse demo '
-                    'model.'))
-    parser.add_argument('--layers', type=int,
-                        help='number of residual blocks to remove, weakest first (default: '
-                             'a quarter of the removable blocks, at least one)')
-    parser.add_argument('--percent', type=float,
-                        help='then cut this share of the prunable channels, by global '
-                             '|gamma|, shortcut mode (default: no channel pruning)')
-    parser.add_argument('--layer-keep', type=float,
-                        help='with --percent: keep at least this share of every layer')
-    parser.add_argument('--verbose', action='store_true',
-                        help='print the per-block ranking (and per-layer table with --percent)')
-    return parser
-
-
-def ranking_table(result):
-    """Every [shortcut] block in layer order: its layers, score, rank and fate."""
-    rank = {b.shortcut: r for r, b in enumerate(result.ranking, 1)}
-    removed = {b.shortcut for b in result.removed}
-    rows = [['block', 'layers', 'score', 'rank', 'removed?']]
-    for b in result.blocks:
-        fate = ('removed' if b.shortcut in removed else 'kept' if b.removable
-                else f'kept: {b.obstacle}')
-        rows.append([b.index, f'{b.source + 1}-{b.shortcut}',
-                     '-' if b.score is None else f'{b.score:.4f}', rank.get(b.shortcut, '-'),
-                     fate])
-    return AsciiTable(rows).table
-
-
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    fill_demo_defaults(args, 'layer')  # the demo YOLOv3: the tiny one has no blocks
-    require_output_dir(args.output_dir)
-    start = time.perf_counter()
-    model, img_size = load_model(args)
-    result = layer_prune(model, args.layers, args.percent, args.layer_keep,
-                         min(img_size, 4 * model.stride))
-    cfg_path, weights_path = output_paths(args, f'layer-{len(result.removed)}' + (
-        '' if args.percent is None else f'-{args.percent:g}'))
-    scores = [b.score for b in result.removed]
-    print(f'layer pruning: removed {len(result.removed)} of {len(result.ranking)} removable '
-          f'residual blocks ({len(result.blocks)} [shortcut] blocks in all), '
-          f'{sum(len(b.layers) for b in result.removed)} layers, scores '
-          f'{min(scores):.4g} to {max(scores):.4g}; layer-pruned vs original with those '
-          f'branches zeroed: largest difference {result.depth_difference:.2e} of the '
-          'output scale')
-    refuse_difference('the layer-pruned model and the original with its removed branches '
-                       'zeroed', result.depth_difference)
-    if result.plan is not None:
-        print('then ' + describe_plan('shortcut', result.plan, result.difference))
-        refuse_difference('the compact and keep-size models', result.difference)
-    if args.verbose:
-        print('residual blocks, by layer index in the input cfg:')
-        print(ranking_table(result))
-        if result.plan is not None:
-            print('channels, by layer index in the layer-pruned cfg:')
-            print(layer_table(result.depth_model, result.plan))
-    seconds = time.perf_counter() - start
-    before = measure(model, args, img_size)
-    write_outputs(result.compact, cfg_path, weights_path, args.output_dir)
-    after = measure(result.compact, args, img_size)
-    print(summary_table(before, after))
-    print(f'pruned in {seconds:.1f} s; wrote\n  {cfg_path}\n  {weights_path}')
-    return {'result': result, 'ranking': result.ranking, 'removed': result.removed,
-            'plan': result.plan, 'before': before, 'after': after, 'cfg': cfg_path,
-            'weights': weights_path, 'depth_difference': result.depth_difference,
-            'difference': result.difference}

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import UserInputError
+from utils.layers import decode_boxes as decode_model_boxes
 
 # Gains as YOLOv5 ships them for these same means; YOLOv5 also multiplies obj by
 # (image size / 640)^2 and cls by classes / 80, which is left to the caller. Keys outside
@@ -129,16 +130,15 @@ def bbox_iou(box1, box2, kind='iou', eps=1e-7):
 
 
 def decode_boxes(raw, stride, scale_x_y, anchors, rows, cols):
-    """Raw (m, 4) tx, ty, tw, th at cells (rows, cols) -> (m, 4) cx, cy, w, h in pixels.
+    """Raw (m, 4) tx, ty, tw, th at cells (rows, cols) -> (m, 4) cx, cy, w, h in pixels,
+    as the model decodes them (utils.layers.decode_boxes), tw and th capped.
 
     `anchors` (m, 2) is each row's anchor in pixels, `stride` the head's (x, y) pixels
-    per cell. The same formula as `YOLOLayer.forward` in eval mode.
+    per cell.
     """
-    s = scale_x_y
     grid = torch.stack((cols, rows), 1).to(raw.dtype)  # (m, 2) x, y
-    xy = (torch.sigmoid(raw[:, :2]) * s - (s - 1) / 2 + grid) * raw.new_tensor(stride)
-    wh = torch.exp(raw[:, 2:4].clamp(max=MAX_LOG_WH)) * anchors
-    return torch.cat((xy, wh), 1)
+    return decode_model_boxes(raw, grid, raw.new_tensor(stride), scale_x_y, anchors,
+                              MAX_LOG_WH)
 
 
 # ---------------------------------------------------------------------------- assignment

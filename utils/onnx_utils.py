@@ -283,8 +283,8 @@ def model_latency(model, img_size, runs=10, warmup=1, threads=None):
 # ---------------------------------------------------------------- evaluating a file
 
 class OnnxModel(nn.Module):
-    """An exported file (decoded outputs) that `test.evaluate` runs as it runs a Darknet
-    model: called on a (B, C, S, S) tensor it gives the (B, N, 5+C) detections, through
+    """An exported file (decoded outputs) that `utils.evaluate.evaluate` runs as it runs
+    a Darknet model: called on a (B, C, S, S) tensor it gives the (B, N, 5+C) detections, through
     onnxruntime on the CPU. A file exported for batch 1 is run one image at a time.
     `img_size`, `stride` and `num_classes` come from the file's metadata."""
 

@@ -18,9 +18,8 @@ import sys
 from utils.errors import UserInputError
 from utils.fileio import atomic_write_text
 
-INT, FLOAT, INTS, FLOATS, STR = 'int', 'float', 'int list', 'float list', 'string'
-
-ACTIVATIONS = ('leaky', 'mish', 'swish', 'logistic', 'relu', 'linear')
+from utils.layers import (ACTIVATIONS, FLOAT, FLOATS, INT, INTS, LAYER_TYPES, SECTION_ALIASES,
+                          STR, layer_type)
 
 # Keys of the [net] block: all only matter to Darknet's own trainer and data loader,
 # except width, height and channels, which set the default input.
@@ -42,67 +41,13 @@ NET_KEYS = {
     'attention': INT, 'show_receptive_field': INT, 'label_smooth': FLOAT,
 }
 
-# Per layer type: the keys accepted, with their types. Keys in UNSUPPORTED are known
-# to Darknet but change the layer's output in ways this project does not build; they
-# are accepted only at the value that means "off".
-LAYER_KEYS = {
-    'convolutional': {
-        'batch_normalize': INT, 'filters': INT, 'size': INT, 'stride': INT,
-        'pad': INT, 'padding': INT, 'groups': INT, 'activation': STR,
-        'dilation': INT, 'stride_x': INT, 'stride_y': INT, 'flipped': INT,
-        'binary': INT, 'xnor': INT, 'bin_output': INT, 'antialiasing': INT,
-        'share_index': INT, 'dot': FLOAT, 'assisted_excitation': FLOAT,
-        'sway': INT, 'rotate': INT, 'stretch': INT, 'stretch_sway': INT,
-        'coordconv': INT, 'deform': INT,
-    },
-    'maxpool': {
-        'size': INT, 'stride': INT, 'padding': INT, 'stride_x': INT,
-        'stride_y': INT, 'maxpool_depth': INT, 'out_channels': INT,
-        'antialiasing': INT,
-    },
-    'upsample': {'stride': INT, 'scale': FLOAT},
-    'route': {'layers': INTS, 'groups': INT, 'group_id': INT, 'stopbackward': INT},
-    'shortcut': {
-        'from': INTS, 'activation': STR, 'weights_type': STR,
-        'weights_normalization': STR, 'stopbackward': INT,
-    },
-    'yolo': {
-        'mask': INTS, 'anchors': FLOATS, 'classes': INT, 'num': INT,
-        'jitter': FLOAT, 'ignore_thresh': FLOAT, 'truth_thresh': FLOAT,
-        'random': FLOAT, 'scale_x_y': FLOAT, 'iou_normalizer': FLOAT,
-        'cls_normalizer': FLOAT, 'obj_normalizer': FLOAT, 'iou_loss': STR,
-        'iou_thresh': FLOAT, 'iou_thresh_kind': STR, 'nms_kind': STR,
-        'beta_nms': FLOAT, 'max_delta': FLOAT, 'counters_per_class': INTS,
-        'label_smooth_eps': FLOAT, 'resize': FLOAT, 'new_coords': INT,
-        'objectness_smooth': INT, 'focal_loss': INT, 'track_history_size': INT,
-        'sim_thresh': FLOAT, 'dets_for_track': INT, 'dets_for_show': INT,
-        'track_ciou_norm': FLOAT, 'embedding_layer': INT, 'max': INT,
-        'map': STR, 'show_details': INT,
-    },
-}
-
-# (layer type, key) -> the only value this project can build, and why.
-UNSUPPORTED = {
-    ('convolutional', 'dilation'): (1, 'dilated convolutions are not supported'),
-    ('convolutional', 'flipped'): (0, 'flipped weights are not supported'),
-    ('convolutional', 'binary'): (0, 'binary weights are not supported'),
-    ('convolutional', 'xnor'): (0, 'XNOR convolutions are not supported'),
-    ('convolutional', 'antialiasing'): (0, 'anti-aliased strides are not supported'),
-    ('convolutional', 'share_index'): (None, 'weight sharing is not supported'),
-    ('convolutional', 'assisted_excitation'): (0, 'assisted excitation is not supported'),
-    ('convolutional', 'coordconv'): (0, 'coordconv is not supported'),
-    ('convolutional', 'deform'): (0, 'deformable convolutions are not supported'),
-    ('maxpool', 'maxpool_depth'): (0, 'channel-wise max pooling is not supported'),
-    ('maxpool', 'antialiasing'): (0, 'anti-aliased pooling is not supported'),
-    ('upsample', 'scale'): (1.0, 'scaled upsampling is not supported'),
-    ('shortcut', 'weights_type'): ('none', 'weighted shortcuts are not supported'),
-    ('yolo', 'new_coords'): (0, 'new_coords=1 decoding is not supported'),
-}
-
-SECTION_ALIASES = {'net': 'net', 'network': 'net', 'conv': 'convolutional',
-                   'convolutional': 'convolutional', 'max': 'maxpool',
-                   'maxpool': 'maxpool', 'upsample': 'upsample', 'route': 'route',
-                   'shortcut': 'shortcut', 'yolo': 'yolo'}
+# Per layer type: the keys accepted, with their types (utils/layers.py). A type's
+# `unsupported` keys are known to Darknet but change the layer's output in ways this
+# project does not build; they are accepted only at the value that means "off".
+LAYER_KEYS = {name: t.keys for name, t in LAYER_TYPES.items()}
+UNSUPPORTED = {(name, key): value for name, t in LAYER_TYPES.items()
+               for key, value in t.unsupported.items()}
+NET_SECTIONS = ('net', 'network')
 
 
 def _parse_value(text, kind):
@@ -202,7 +147,7 @@ def parse_model_cfg(path):
     if not blocks:
         raise UserInputError(f'{path}: no sections found; a Darknet cfg starts with [net]')
     name, number, entries = blocks[0]
-    if SECTION_ALIASES.get(name) != 'net':
+    if name not in NET_SECTIONS:
         raise UserInputError(f'{path} line {number}: the first section is [{name}]; '
                              'a Darknet cfg starts with [net]')
     hyperparams = _typed_block(path, 'net', entries, NET_KEYS)
@@ -220,56 +165,13 @@ def parse_model_cfg(path):
     return hyperparams, layers
 
 
-def resolve_refs(index, refs):
-    """Absolute layer indices of route `layers` / shortcut `from` at layer `index`."""
-    return [r if r >= 0 else index + r for r in refs]
-
-
 def check_layers(layers, where=None):
-    """Refuse references outside the network and heads that do not fit their classes.
-
-    `where(i)` names layer i for messages (file and line when parsed from a file).
-    """
+    """Refuse what each layer type's `check` refuses (references outside the network,
+    heads that do not fit their classes, missing keys). `where(i)` names layer i for
+    messages (file and line when parsed from a file)."""
     where = where or (lambda i: f'layer {i}')
     for i, layer in enumerate(layers):
-        kind = layer['type']
-        if kind in ('route', 'shortcut'):
-            key = 'layers' if kind == 'route' else 'from'
-            if key not in layer:
-                raise UserInputError(f"{where(i)}: [{kind}] needs '{key}='")
-            for ref, target in zip(layer[key], resolve_refs(i, layer[key])):
-                if not 0 <= target < i:
-                    raise UserInputError(
-                        f'{where(i)}: [{kind}] {key}={ref} points to layer {target}, '
-                        f'outside layers 0..{i - 1} before it; fix the reference')
-            if kind == 'shortcut' and len(layer['from']) != 1:
-                raise UserInputError(f'{where(i)}: [shortcut] with several from= layers is '
-                                     'not supported; use one')
-        elif kind == 'yolo':
-            _check_head(layers, i, where)
-        elif kind == 'convolutional' and 'filters' not in layer:
-            raise UserInputError(f"{where(i)}: [convolutional] needs 'filters='")
-
-
-def _check_head(layers, i, where):
-    layer = layers[i]
-    for key in ('mask', 'anchors', 'classes'):
-        if key not in layer:
-            raise UserInputError(f"{where(i)}: [yolo] needs '{key}='")
-    n_anchors = len(layer['anchors']) // 2
-    if len(layer['anchors']) % 2:
-        raise UserInputError(f'{where(i)}: [yolo] anchors has an odd count of numbers; '
-                             'give width,height pairs')
-    if not all(0 <= m < n_anchors for m in layer['mask']):
-        raise UserInputError(f'{where(i)}: [yolo] mask={layer["mask"]} refers to anchors '
-                             f'beyond the {n_anchors} given')
-    expected = len(layer['mask']) * (5 + layer['classes'])
-    previous = layers[i - 1] if i > 0 else None
-    if previous and previous['type'] == 'convolutional' and previous['filters'] != expected:
-        raise UserInputError(
-            f'{where(i - 1)}: the conv before this [yolo] has filters={previous["filters"]}, '
-            f'but {len(layer["mask"])} anchors x (5 + {layer["classes"]} classes) needs '
-            f'filters={expected}; set filters={expected}')
+        layer_type(layer).check(layers, i, where)
 
 
 def write_cfg(path, hyperparams, layers):

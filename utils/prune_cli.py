@@ -1,7 +1,10 @@
-"""What the four prune scripts share: flags, the run, the checks and the summary table.
+"""What the prune scripts share: flags, the run, the checks and the summary table.
 
-Each script is `main(mode)` with its own flags added: the modes differ only in the
-masks `utils.prune_utils.plan_masks` computes.
+The four channel scripts are `main(mode)` with its own flags added: the modes differ
+only in the masks `utils.prune_utils.plan_masks` computes. prune_layer.py has its own
+flags and run (utils.layer_prune) and shares the rest: the demo defaults, the model
+loading, the output names, the self-check refusal and `finish`, the measure, write and
+print tail.
 """
 import os
 import time
@@ -10,9 +13,10 @@ from terminaltables import AsciiTable
 
 from models import Darknet, darknet_float_count, load_weights, save_weights
 from utils import demo
-from utils.datasets import check_img_size
+from utils.cli import check_classes, default_img_size, require_weights, use_demo
 from utils.errors import ArgumentParser, UserInputError
-from utils.fileio import output_group, require_output_dir
+from utils.evaluate import evaluate
+from utils.fileio import output_group, refuse_overwrite, require_output_dir
 from utils.importance import CRITERIA, DATA_CRITERIA
 from utils.onnx_utils import model_latency
 from utils.parse_config import parse_data_cfg, require_data_key, write_cfg
@@ -132,30 +136,22 @@ def calibration_batches(data, img_size, images, batch_size, stride, workers=0, s
     return batches
 
 
-def fill_demo_defaults(args, mode):
-    """No --cfg: the sparse demo model (tiny mode: the tiny one) on the demo data, with
-    demo.LAYER_KEEP under --criterion gamma unless a floor is given."""
+def fill_demo_defaults(args, model=demo.YOLOV3, channels=True):
+    """No --cfg: the sparse demo `model` on the demo data; when the run prunes
+    `channels` by raw |gamma| (--criterion gamma, or no --criterion flag) and no floor is
+    given, demo.LAYER_KEEP. With --cfg, --weights is required."""
     if args.cfg is None:
-        model = demo.TINY if mode == 'tiny' else demo.YOLOV3
-        args.cfg = model['cfg']
-        args.weights = args.weights or demo.require_demo_weights(model['sparse_weights'])
-        args.data = args.data or demo.ensure_demo_data()
-        args.img_size = args.img_size or demo.IMG_SIZE
+        use_demo(args, model, 'sparse_weights')
         floor_given = args.layer_keep is not None or getattr(args, 'max_layer_prune', None)
-        if (not floor_given and getattr(args, 'criterion', 'gamma') == 'gamma'
-                and not (mode == 'layer' and args.percent is None)):
+        if channels and not floor_given and getattr(args, 'criterion', 'gamma') == 'gamma':
             args.layer_keep = demo.LAYER_KEEP
-    if args.weights is None:
-        raise UserInputError('--weights is required with --cfg: pass the sparsity-trained '
-                             '.weights or .pt')
+    require_weights(args, 'sparsity-trained')
 
 
 def load_model(args):
     """The input model in eval mode on --device, and the checked input size."""
     model = load_weights(Darknet(args.cfg), args.weights).to(select_device(args.device)).eval()
-    img_size = args.img_size or model.hyperparams.get('width') or 416
-    check_img_size(img_size, model.stride)
-    return model, img_size
+    return model, default_img_size(model, args.img_size)
 
 
 def refuse_difference(what, difference):
@@ -181,23 +177,17 @@ def output_paths(args, suffix):
     stem = os.path.splitext(os.path.basename(args.weights or args.cfg))[0]
     name = f'{stem}-{suffix}'
     paths = [os.path.join(args.output_dir, name + ext) for ext in ('.cfg', '.weights')]
-    inputs = {os.path.abspath(p) for p in (args.cfg, args.weights) if p}
     for path in paths:
-        if os.path.abspath(path) in inputs:
-            raise UserInputError(f'{path}: would overwrite an input file; choose another '
-                                 '--output-dir')
+        refuse_overwrite(path, (args.cfg, args.weights), 'choose another --output-dir')
     return paths
 
 
 def _evaluate(model, args, img_size):
     if not args.data:
         return None
-    from test import evaluate
     from utils.datasets import create_dataloader
     options = parse_data_cfg(args.data)
-    if model.num_classes != options['classes']:
-        raise UserInputError(f'{args.data}: classes={options["classes"]} but {args.cfg} detects '
-                             f'{model.num_classes}; pass the matching .data')
+    check_classes(model, options, args.data, args.cfg)
     loader, _ = create_dataloader(require_data_key(options, 'valid', args.data), img_size,
                                   args.batch_size, options['classes'], rect=True,
                                   workers=args.workers, stride=model.stride)
@@ -300,10 +290,10 @@ def plot_widths(model, plan, path, title):
     save_figure(figure, path, dpi=90)
 
 
-def choose_plan(model, mode, args, img_size, batches=None):
+def choose_plan(model, mode, args, img_size, batches=None, start=None):
     """The plan for --percent, or for the percent that --target-params/--target-gmacs
-    finds (then written into args.percent, which names the outputs). `batches` feed a
-    data criterion."""
+    finds (then written into args.percent, which names the outputs), searched from the
+    percent `start` when given. `batches` feed a data criterion."""
     cost = None if args.cost == 'none' else args.cost
     ranking = rank_channels(model, mode, args.criterion, cost, img_size, batches)
     target, measure = ((args.target_params, 'params') if args.target_params is not None
@@ -315,7 +305,8 @@ def choose_plan(model, mode, args, img_size, batches=None):
     if args.percent is not None:
         raise UserInputError(f'--percent and --target-{measure}: pass one of them')
     args.percent, plan, share = find_percent(model, mode, target, measure, img_size,
-                                             args.layer_keep, args.round_to, ranking=ranking)
+                                             args.layer_keep, args.round_to, ranking=ranking,
+                                             start=start)
     print(f'--target-{measure} {target:g}: --percent {args.percent:.4f} removes {share:.2%} '
           f'of the {measure}')
     return plan
@@ -329,9 +320,33 @@ def default_plan(model, mode, percent):
     return choose_plan(model, mode, args, img_size=None)
 
 
+def finish(model, compact, args, img_size, start, paths, batches=None, figures=None):
+    """The end every prune run shares, once its self-checks passed: measure the input;
+    with `batches` (and --calibrate not 0) measure the compact model as cut and
+    recalibrate its BatchNorm; write the cfg + weights `paths` together, then each
+    {path: draw} of `figures` as draw(path); measure the result; print the summary table
+    and what was written, timed from `start`. Returns {'before', 'after', 'cfg', 'weights'}."""
+    seconds = time.perf_counter() - start
+    figures = figures or {}
+    before = measure(model, args, img_size)
+    as_cut = None
+    if batches and args.calibrate != 0:  # the self-check ran before: this changes the model
+        as_cut = _evaluate(compact, args, img_size)
+        recalibrate_bn(compact, batches, args.calibrate_variances)
+    cfg_path, weights_path = paths
+    write_outputs(compact, cfg_path, weights_path, args.output_dir)
+    for path, draw in figures.items():
+        draw(path)
+    after = {**measure(compact, args, img_size), 'map50_as_cut': as_cut}
+    print(summary_table(before, after))
+    written = [cfg_path, weights_path, *figures]
+    print(f'pruned in {seconds:.1f} s; wrote\n  ' + '\n  '.join(written))
+    return {'before': before, 'after': after, 'cfg': cfg_path, 'weights': weights_path}
+
+
 def main(mode, argv=None):
     args = get_args_parser(mode).parse_args(argv)
-    fill_demo_defaults(args, mode)
+    fill_demo_defaults(args, demo.TINY if mode == 'tiny' else demo.YOLOV3)
     require_output_dir(args.output_dir)
     start = time.perf_counter()
     resolve_selection(args, mode)
@@ -346,17 +361,8 @@ def main(mode, argv=None):
     refuse_difference('the compact and keep-size models', difference)
     if args.verbose:
         print(layer_table(model, plan))
-    seconds = time.perf_counter() - start
-    before = measure(model, args, img_size)
-    as_cut = None
-    if batches and args.calibrate != 0:  # the self-check above ran before: it changes the model
-        as_cut = _evaluate(compact, args, img_size)
-        recalibrate_bn(compact, batches, args.calibrate_variances)
-    write_outputs(compact, cfg_path, weights_path, args.output_dir)
     widths_path = os.path.splitext(cfg_path)[0] + '-widths.png'
-    plot_widths(model, plan, widths_path, f'{os.path.basename(cfg_path)}: {args.criterion}')
-    after = {**measure(compact, args, img_size), 'map50_as_cut': as_cut}
-    print(summary_table(before, after))
-    print(f'pruned in {seconds:.1f} s; wrote\n  {cfg_path}\n  {weights_path}\n  {widths_path}')
-    return {'plan': plan, 'before': before, 'after': after, 'cfg': cfg_path,
-            'weights': weights_path, 'widths': widths_path, 'difference': difference}
+    title = f'{os.path.basename(cfg_path)}: {args.criterion}'
+    report = finish(model, compact, args, img_size, start, (cfg_path, weights_path), batches,
+                    {widths_path: lambda path: plot_widths(model, plan, path, title)})
+    return {'plan': plan, **report, 'widths': widths_path, 'difference': difference}

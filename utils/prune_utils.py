@@ -1,10 +1,12 @@
 """The pruning library: graph analysis -> masks (the mode's policy) -> folding -> compact.
 
 1. Graph analysis follows every output channel of every layer back to the conv channels
-it is made of (its *origins*): maxpool and upsample pass channels through, a route
-concatenates (and with `groups` slices) its inputs' channel lists, a shortcut sums two
-channels, so its output channel has the origins of both. From that one table follow:
-- shortcut groups: convs whose channels are summed together must keep one mask;
+it is made of (its *origins*); each layer type says how (utils/layers.py): maxpool and
+upsample pass channels through, a route concatenates (and with `groups` slices) its
+inputs' channel lists, a shortcut sums channels, so a summed channel has the origins of
+both (a partial residual sums the first channels only). From that one table follow:
+- shortcut groups: convs whose channels are summed together must keep one mask (a
+  narrower conv of a partial residual takes the first part of the group's mask);
 - upsample feeders: convs whose channels reach an [upsample];
 - sliced convs: convs whose output a `groups` route slices (kept whole for now);
 - unfoldable convs: logistic ones, and those feeding grouped convs, stay whole.
@@ -25,28 +27,29 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from models import LEAKY_SLOPE, Darknet
+from models import Darknet
 from utils.errors import UserInputError
-from utils.importance import CRITERIA, DATA_CRITERIA, channel_costs, unit_scores
-from utils.parse_config import resolve_refs
+from utils.importance import CRITERIA, DATA_CRITERIA, channel_costs, stack_unit, unit_scores
+from utils.layers import ACTIVATIONS, INPUT, ChannelValues, layer_type, trace_channels
 from utils.torch_utils import count_macs, count_parameters
-
-INPUT = -1  # origin "layer" of the image channels
 
 
 @dataclass
 class GraphInfo:
     """What the cfg's wiring says about its BN convs."""
-    bn_convs: list                                  # layer indices of convs with BN
-    origins: list                                   # per layer: per output channel, set of (conv, channel)
+    bn_convs: list = field(default_factory=list)    # layer indices of convs with BN
+    origins: list = field(default_factory=list)     # per layer: per output channel, set of (conv, channel)
     shortcut_groups: list = field(default_factory=list)  # sets of convs tied by sums
     upsample_feeders: set = field(default_factory=set)
     sliced_convs: set = field(default_factory=set)
     # convs whose pruned channels could not be folded away: a zero gamma and beta would
     # not give a zero output (logistic), or a grouped conv reads them
     unfoldable: set = field(default_factory=set)
+    # convs summed at a channel position other than their own channel's (a route
+    # before a shortcut): their group cannot share one mask
+    unaligned: set = field(default_factory=set)
+    ties: list = field(default_factory=list)        # sets of convs summed into one channel
     has_shortcut: bool = False
 
     def group_of(self, conv):
@@ -54,57 +57,25 @@ class GraphInfo:
         return next((g for g in self.shortcut_groups if conv in g), None)
 
 
+# per-channel origin sets: a conv starts its own channels, a sum unites its terms' origins
+ORIGINS = ChannelValues(
+    new=lambda i, layer: [frozenset({(i, c)}) for c in range(layer['filters'])],
+    cat=lambda parts: [o for part in parts for o in part],
+    add=lambda a, b: [x | y for x, y in zip(a, b)],
+    activate=lambda name, values: values)
+
+
 def analyze_graph(layers, in_channels=3):
     """Trace every layer's output channels back to conv channels; see GraphInfo."""
-    origins, info = [], GraphInfo(bn_convs=[], origins=[])
-    previous = [frozenset({(INPUT, c)}) for c in range(in_channels)]
-    ties = []  # sets of convs summed into one channel somewhere
-    for i, layer in enumerate(layers):
-        kind = layer['type']
-        if kind == 'convolutional':
-            out = [frozenset({(i, c)}) for c in range(layer['filters'])]
-            if layer.get('batch_normalize', 0):
-                info.bn_convs.append(i)
-            if layer.get('groups', 1) > 1:
-                info.unfoldable |= _convs_in(previous) | {i}
-            if layer.get('activation', 'logistic') == 'logistic':
-                info.unfoldable.add(i)
-        elif kind in ('maxpool', 'yolo'):
-            out = previous
-        elif kind == 'upsample':
-            info.upsample_feeders |= _convs_in(previous)
-            out = previous
-        elif kind == 'route':
-            groups, group_id = layer.get('groups', 1), layer.get('group_id', 0)
-            out = []
-            for source in resolve_refs(i, layer['layers']):
-                channels = origins[source]
-                if groups > 1:
-                    info.sliced_convs |= _convs_in(channels)
-                    size = len(channels) // groups
-                    channels = channels[group_id * size:(group_id + 1) * size]
-                out += channels
-        elif kind == 'shortcut':
-            other = origins[resolve_refs(i, layer['from'])[0]]
-            if len(other) != len(previous):
-                raise UserInputError(f'layer {i} [shortcut]: adds {len(other)} channels to '
-                                     f'{len(previous)}; widths must be equal')
-            out = [a | b for a, b in zip(previous, other)]
-            ties += [_convs_in([o]) for o in out]
-            if layer.get('activation', 'linear') == 'logistic':
-                info.unfoldable |= _convs_in(out)
-            info.has_shortcut = True
-        else:
-            raise UserInputError(f'layer {i}: unknown layer type [{kind}]')
-        origins.append(out)
-        previous = out
-    info.origins = origins
-    info.shortcut_groups = _merge_overlapping(ties)
+    info = GraphInfo()
+
+    def visit(i, layer, previous, out, traced):
+        layer_type(layer).note(info, i, layer, previous, out, traced)
+
+    info.origins = trace_channels(layers, ORIGINS,
+                                  [frozenset({(INPUT, c)}) for c in range(in_channels)], visit)
+    info.shortcut_groups = _merge_overlapping(info.ties)
     return info
-
-
-def _convs_in(channel_origins):
-    return {layer for origin in channel_origins for layer, _ in origin if layer != INPUT}
 
 
 def _merge_overlapping(sets):
@@ -137,7 +108,8 @@ def prunable_convs(layers, mode, in_channels=3, info=None, name='the cfg'):
     if mode in ('normal', 'regular'):
         kept_whole |= set().union(*info.shortcut_groups)
     if mode == 'shortcut':  # a group is pruned with one mask only when all of it may be
-        kept_whole |= set().union(*(g for g in info.shortcut_groups if g & kept_whole
+        kept_whole |= set().union(*(g for g in info.shortcut_groups
+                                    if g & (kept_whole | info.unaligned)
                                     or any(c not in info.bn_convs for c in g)))
     return [i for i in info.bn_convs if i not in kept_whole]
 
@@ -221,7 +193,7 @@ def prunable_units(model, mode, info=None):
 
 def _unit_keys(units, gammas):
     """The `gamma` criterion's keys: a channel's best branch."""
-    return [torch.stack([gammas[i] for i in unit]).max(0).values for unit in units]
+    return [stack_unit([gammas[i] for i in unit]).max(0).values for unit in units]
 
 
 def rank_channels(model, mode, criterion='gamma', cost=None, img_size=None, batches=None,
@@ -309,8 +281,8 @@ def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None, 
         if target > keep.sum():  # top up with the best-scoring channels
             keep = torch.zeros_like(keep)
             keep[key.argsort(descending=True)[:target]] = True
-        for i in unit:
-            masks[i] = keep.clone()
+        for i in unit:  # a narrower conv of a partial residual: the first channels
+            masks[i] = keep[:len(masks[i])].clone()
     return PrunePlan(mode, percent, threshold, safe, ranking.units, masks, ranking.criterion)
 
 
@@ -329,82 +301,99 @@ def compact_cost(model, masks, img_size):
 
 
 def find_percent(model, mode, target, measure, img_size, layer_keep=None, round_to=None,
-                 resolution=1e-4, ranking=None):
+                 resolution=1e-4, ranking=None, start=None):
     """The smallest percent (a multiple of `resolution`) whose compact model removes at
     least the share `target` of the original's parameters (`measure` 'params') or MACs
     ('gmacs'). Cutting more channels never adds cost (the masks are nested as the
-    threshold rises), so a bisection over the percent finds it. Returns (percent, plan,
-    share removed); refuses a target beyond the largest percent the mode allows.
-    `ranking` (rank_channels) orders the channels; by default the `gamma` criterion."""
+    threshold rises), so a bisection over the percent finds it; `start`, a percent near
+    the answer (the last epoch's, for the sparsity monitor), makes it a search outward
+    from there in a few steps. Returns (percent, plan, share removed); refuses a target
+    beyond the largest percent the mode allows. `ranking` (rank_channels) orders the
+    channels; by default the `gamma` criterion."""
     if not 0 < target < 1:
         raise UserInputError(f'--target-{measure} {target}: must be in (0, 1), the share of '
                              f'the {measure} to remove (0.6 removes 60%)')
     ranking = ranking or rank_channels(model, mode)
     index = 0 if measure == 'params' else 1
     full = (count_parameters(model), count_macs(model, img_size))[index]
+    attempts = {}
 
-    def attempt(step):
-        plan = plan_masks(model, mode, step * resolution, layer_keep, round_to, ranking=ranking)
-        return plan, 1 - compact_cost(model, plan.masks, img_size)[index] / full
+    def attempt(step):  # (plan, share removed) at percent step * resolution
+        if step not in attempts:
+            plan = plan_masks(model, mode, step * resolution, layer_keep, round_to,
+                              ranking=ranking)
+            attempts[step] = plan, 1 - compact_cost(model, plan.masks, img_size)[index] / full
+        return attempts[step]
 
-    steps = round(1 / resolution)
-    low, high = 0, steps - 1  # a plan exists at `low`; search (low, high]
-    plan = plan_masks(model, mode, 0.0, layer_keep, round_to, ranking=ranking)
+    high = round(1 / resolution) - 1  # a plan exists at step 0; search (0, high]
     if mode != 'regular' and layer_keep is None:
-        high = min(high, int(plan.safe_percent / resolution))
-    best_plan, best_share = attempt(high)
-    if best_share < target:
+        high = min(high, int(plan_masks(model, mode, 0.0, layer_keep, round_to,
+                                        ranking=ranking).safe_percent / resolution))
+    if attempt(high)[1] < target:
         raise UserInputError(
-            f'--target-{measure} {target:g}: {mode} mode removes at most {best_share:.1%} '
+            f'--target-{measure} {target:g}: {mode} mode removes at most {attempt(high)[1]:.1%} '
             f'of the {measure} of this model (at --percent {high * resolution:.4f}'
             + ('' if layer_keep is not None or mode == 'regular'
                else ', its largest safe percent; --layer-keep F allows more')
             + '); ask for less')
+    guess = None if start is None else round(start / resolution)
+    step = _first_reaching(lambda k: attempt(k)[1] >= target, 0, high, guess)
+    plan, share = attempt(step)
+    return step * resolution, plan, share
+
+
+def _first_reaching(reaches, low, high, guess=None):
+    """The smallest step in (low, high] where the monotone `reaches` holds, given that it
+    holds at `high` and not at `low`. From a `guess` inside, steps of doubling width
+    bracket the answer first; then a bisection."""
+    if guess is not None and low < guess < high:
+        width = 1
+        if reaches(guess):
+            high = guess
+            while high - width > low and reaches(high - width):
+                high, width = high - width, 2 * width
+            low = max(low, high - width)
+        else:
+            low = guess
+            while low + width < high and not reaches(low + width):
+                low, width = low + width, 2 * width
+            high = min(high, low + width)
     while high - low > 1:
         middle = (low + high) // 2
-        plan, share = attempt(middle)
-        if share >= target:
-            high, best_plan, best_share = middle, plan, share
+        if reaches(middle):
+            high = middle
         else:
             low = middle
-    return high * resolution, best_plan, best_share
+    return high
 
 
 # ---------------------------------------------------------------- folding
 
-def _activation(name):
-    return {'leaky': lambda x: F.leaky_relu(x, LEAKY_SLOPE), 'mish': F.mish, 'swish': F.silu,
-            'relu': F.relu, 'logistic': torch.sigmoid, 'linear': lambda x: x}[name]
+def _constant_values(model, masks):
+    """Per-channel constants: a pruned conv channel outputs act(beta) (its gamma is ~0),
+    a live one NaN; a sum of constants is constant, of anything live live."""
+    def new(i, layer):
+        out = torch.full((layer['filters'],), float('nan'))
+        if i in masks and not masks[i].all():
+            beta = model.module_list[i].BatchNorm2d.bias.detach().float().cpu()
+            act = ACTIVATIONS[layer.get('activation', 'logistic')].function
+            out[~masks[i]] = act(beta[~masks[i]])
+        return out
+
+    def add(a, b):
+        assert not (a.isnan() != b.isnan()).any(), 'a shortcut sums pruned and live channels'
+        return a + b
+
+    return ChannelValues(new=new, cat=torch.cat, add=add,
+                         activate=lambda name, values: ACTIVATIONS[name].function(values))
 
 
 def pruned_constants(model, masks):
     """Per layer, (C,) tensor of each output channel's constant value, NaN where the
-    channel is live. A pruned channel outputs act(beta) (its gamma is ~0); the value is
-    carried through maxpool, upsample, route slices and concatenation, and shortcut sums
-    (a sum is constant when all its terms are)."""
-    constants, previous = [], None
-    for i, layer in enumerate(model.module_defs):
-        kind = layer['type']
-        if kind == 'convolutional':
-            out = torch.full((layer['filters'],), float('nan'))
-            if i in masks and not masks[i].all():
-                beta = model.module_list[i].BatchNorm2d.bias.detach().float().cpu()
-                act = _activation(layer.get('activation', 'logistic'))
-                out[~masks[i]] = act(beta[~masks[i]])
-        elif kind == 'route':
-            groups, group_id = layer.get('groups', 1), layer.get('group_id', 0)
-            parts = [constants[s] for s in resolve_refs(i, layer['layers'])]
-            out = torch.cat([p.chunk(groups)[group_id] for p in parts])
-        elif kind == 'shortcut':
-            other = constants[resolve_refs(i, layer['from'])[0]]
-            mixed = previous.isnan() != other.isnan()
-            assert not mixed.any(), f'layer {i}: a shortcut sums pruned and live channels'
-            out = _activation(layer.get('activation', 'linear'))(previous + other)
-        else:  # maxpool, upsample, yolo pass channels through
-            out = previous
-        constants.append(out)
-        previous = out
-    return constants
+    channel is live, carried through every layer as its type says (utils/layers.py)."""
+    channels = model.hyperparams.get('channels', 3)
+    return trace_channels(model.module_defs, _constant_values(model, masks),
+                          torch.full((channels,), float('nan')))
 
 
 def fold_constants(model, constants):
