@@ -35,15 +35,15 @@ import copy
 import io
 import math
 import random
+import time
 
 import numpy as np
 import torch
 
-from utils import prune_utils
+from utils import prune_cli, prune_utils
 from utils.errors import UserInputError
 from utils.importance import consumer_reach, stack_unit
-from utils.prune_utils import (prunable_units, prune,
-                               recalibrate_bn)
+from utils.prune_utils import prunable_units, prune, recalibrate_bn
 
 PENALTIES = ('l1', 'group', 'scaled')
 S_SCHEDULES = ('constant', 'decay', 'warmup')
@@ -203,7 +203,6 @@ class Monitor:
     on first use, `load_batches()` -> list of (images, targets))."""
 
     def __init__(self, mode, kind, value, img_size, score, load_batches, every=1):
-        from utils import prune_cli
         self.mode, self.kind, self.value, self.every = mode, kind, value, every
         self.img_size, self.score, self.load_batches = img_size, score, load_batches
         self.batches = None
@@ -223,7 +222,6 @@ class Monitor:
         """The prune script's plan for `model` at the target (its default flags, without a
         data criterion), its percent line silenced. A share target's search starts at the
         previous epoch's percent, a few steps from the answer."""
-        from utils import prune_cli
         args = copy.copy(self.args)
         if self.kind != 'percent':
             args.percent = None
@@ -239,7 +237,6 @@ class Monitor:
     def measure(self, model):
         """mAP@0.5 of the compact model the target gives, BN recalibrated; `model` and
         every random stream untouched. NaN when the target cannot be met now."""
-        import time
         start = time.perf_counter()
         with rng_preserved():
             if self.batches is None:
