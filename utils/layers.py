@@ -1,7 +1,8 @@
 """Darknet layer types: what each [section] of a cfg means, in one place.
 
-One class per supported layer type, registered in LAYER_TYPES. Every other module asks
-it instead of branching on a layer's type:
+One class per supported layer type (`...Type`, next to the nn.Module it builds),
+registered in LAYER_TYPES. Every other module asks it instead of branching on a
+layer's type:
 - the cfg parser (utils/parse_config.py): the `keys` a type accepts and their kinds,
   the values it cannot build (`unsupported`), and `check(layers, i, where)` on the
   typed cfg before any shape is known;
@@ -130,7 +131,7 @@ def _same_strides(layer, stride, where):
                              'use stride=')
 
 
-class Convolutional(LayerType):
+class ConvolutionalType(LayerType):
     name, aliases = 'convolutional', ('conv',)
     keys = {
         'batch_normalize': INT, 'filters': INT, 'size': INT, 'stride': INT,
@@ -198,7 +199,7 @@ def conv_block(layer, in_channels):
     return block
 
 
-class Maxpool(LayerType):
+class MaxpoolType(LayerType):
     name, aliases = 'maxpool', ('max',)
     keys = {'size': INT, 'stride': INT, 'padding': INT, 'stride_x': INT, 'stride_y': INT,
             'maxpool_depth': INT, 'out_channels': INT, 'antialiasing': INT}
@@ -244,7 +245,7 @@ class MaxPool(nn.Module):
         return x
 
 
-class Upsample(LayerType):
+class UpsampleType(LayerType):
     name = 'upsample'
     keys = {'stride': INT, 'scale': FLOAT}
     unsupported = {'scale': (1.0, 'scaled upsampling is not supported')}
@@ -372,7 +373,7 @@ class Shortcut(nn.Module):
         return self.activation(total)
 
 
-class Yolo(LayerType):
+class YoloType(LayerType):
     name = 'yolo'
     keys = {
         'mask': INTS, 'anchors': FLOATS, 'classes': INT, 'num': INT,
@@ -459,8 +460,8 @@ class YOLOLayer(nn.Module):
         return decoded.view(batch, -1, self.num_outputs)
 
 
-LAYER_TYPES = {t.name: t for t in (Convolutional(), Maxpool(), Upsample(), RouteType(),
-                                   ShortcutType(), Yolo())}
+LAYER_TYPES = {t.name: t for t in (ConvolutionalType(), MaxpoolType(), UpsampleType(),
+                                   RouteType(), ShortcutType(), YoloType())}
 SECTION_ALIASES = {alias: t.name for t in LAYER_TYPES.values() for alias in (t.name, *t.aliases)}
 
 
