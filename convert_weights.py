@@ -12,8 +12,9 @@ for train.py --weights to start another cfg from:
         --output yolov3-tiny.conv.15 --cutoff 15
 """
 
-from models import convert_weights
-from utils.errors import ArgumentParser, run_cli
+from cli.common import ArgumentParser
+from darknet.weights import convert_weights
+from utils.errors import run_cli
 from utils.fileio import require_output_file
 
 

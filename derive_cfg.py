@@ -12,9 +12,10 @@ with the letterboxed input).
 """
 import copy
 
-from utils.errors import ArgumentParser, UserInputError, run_cli
+from cli.common import ArgumentParser
+from darknet.cfg import parse_model_cfg, write_cfg
+from utils.errors import UserInputError, run_cli
 from utils.fileio import refuse_overwrite, require_output_file
-from utils.parse_config import parse_model_cfg, write_cfg
 
 
 def scaled_width(filters, width, divisor=8):
@@ -70,7 +71,7 @@ def main(argv=None):
     require_output_file(args.output)
     hyperparams, layers = derive_cfg(*parse_model_cfg(args.cfg), args.classes, args.width,
                                      args.img_size, args.divisor)
-    from models import Darknet  # the derived cfg must build
+    from darknet.model import Darknet  # the derived cfg must build
     model = Darknet((hyperparams, layers))
     write_cfg(args.output, hyperparams, layers)
     params = sum(p.numel() for p in model.parameters())

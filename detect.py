@@ -20,14 +20,16 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from models import Darknet, load_weights
-from utils.cli import default_img_size, use_demo
-from utils.detect_utils import (Detector, draw, find_sources, is_video_file, label_lines,
-                                read_image, side_by_side)
-from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.fileio import (atomic_output, atomic_write_text, overwritten_input,
-                          require_output_dir, resolved_inputs)
-from utils.parse_config import load_class_names, parse_data_cfg
+from cli.common import ArgumentParser, add_data_args, add_model_args, use_demo
+from darknet.cfg import load_class_names, parse_data_cfg
+from darknet.model import Darknet
+from darknet.weights import load_weights
+from data.datasets import default_img_size
+from deploy.drawing import (Detector, draw, find_sources, is_video_file, label_lines, read_image,
+                            side_by_side)
+from utils.errors import UserInputError, run_cli
+from utils.fileio import (atomic_output, atomic_write_text, overwritten_input, require_output_dir,
+                          resolved_inputs)
 from utils.torch_utils import select_device
 
 DEMO_IMAGES = 4
@@ -42,10 +44,12 @@ def load_model(cfg, weights, device):
 def demo_models(cfg, weights, device):
     """The sparse demo YOLOv3 and a copy pruned in memory as prune_shortcut.py prunes by
     default (without the BatchNorm recalibration)."""
-    from utils.prune_cli import default_plan
-    from utils.prune_utils import prune
+    from pruning.plan import choose_plan
+    from pruning.settings import PruneSettings
+    from pruning.surgery import prune
     model = load_model(cfg, weights, device)
-    plan = default_plan(model, 'shortcut', 0.5)
+    plan = choose_plan(model, 'shortcut', PruneSettings(percent=0.5).resolve('shortcut'),
+                       img_size=None)
     _, compact = prune(model, plan)
     return model, compact.to(device).eval()
 
@@ -145,16 +149,14 @@ def detect_video(path, out, detectors, names, bar):
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--cfg', help='model definition (.cfg); default: the sparse demo '
-                        'YOLOv3, compared with a copy pruned in memory')
-    parser.add_argument('--weights', help='model weights (.weights or .pt)')
+    add_model_args(parser, 'model definition (.cfg); default: the sparse demo YOLOv3, '
+                   'compared with a copy pruned in memory')
     parser.add_argument('--source', help='image, folder, glob, .txt list or video file')
     parser.add_argument('--compare', nargs=2, metavar=('CFG', 'WEIGHTS'),
                         help='a second model (e.g. the pruned one), drawn beside the first')
-    parser.add_argument('--data', help='data set description (.data) whose names= file '
-                        'gives the class names')
+    add_data_args(parser, 'data set description (.data) whose names= file gives the class '
+                  'names', loader=False)
     parser.add_argument('--names', help='class names, one per line (.names); overrides --data')
-    parser.add_argument('--img-size', type=int, help="input side in pixels (default: cfg's width)")
     parser.add_argument('--conf-thres', type=float, default=0.25, help='score threshold')
     parser.add_argument('--iou-thres', '--nms-thres', dest='iou_thres', type=float,
                         default=0.45, help='NMS IoU threshold')
@@ -162,7 +164,6 @@ def get_args_parser():
                         help='folder for the annotated images and videos')
     parser.add_argument('--save-txt', action='store_true',
                         help="also write Darknet labels ('class cx cy w h') to OUTPUT-DIR/labels")
-    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     return parser
 
 

@@ -33,41 +33,42 @@ import time
 import numpy as np
 import torch
 
-from models import Darknet, load_weights
-from utils import onnx_utils
-from utils.cli import check_classes, default_img_size, require_weights, use_demo
-from utils.datasets import LoadImagesAndLabels, create_dataloader
-from utils.errors import ArgumentParser, UserInputError, run_cli
+from cli.common import (ArgumentParser, add_data_args, add_model_args, add_output_dir_arg,
+                        require_weights, use_demo)
+from darknet.cfg import parse_data_cfg, require_data_key
+from darknet.model import Darknet
+from darknet.weights import load_weights
+from data.datasets import LoadImagesAndLabels, check_classes, create_dataloader, default_img_size
+from deploy import onnx_export
+from utils.errors import UserInputError, run_cli
 from utils.fileio import refuse_overwrite, require_output_dir, require_output_file
-from utils.parse_config import parse_data_cfg, require_data_key
 
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.split('\n\n')[0],
                             epilog=__doc__.split('\n\n', 2)[2],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--cfg', help='model definition (.cfg), pruned or not')
-    parser.add_argument('--weights', help='model weights (.weights or .pt)')
-    parser.add_argument('--img-size', type=int,
-                        help="input side in pixels, fixed in the graph (default: the cfg's width)")
+    add_model_args(parser, 'model definition (.cfg), pruned or not',
+                   img_size_help="input side in pixels, fixed in the graph (default: the cfg's "
+                   'width)', device=False)
     parser.add_argument('--dynamic-batch', action='store_true',
                         help='leave the batch dimension free (default: batch 1)')
-    parser.add_argument('--opset', type=int, default=onnx_utils.DEFAULT_OPSET,
-                        help=f'ONNX opset, {onnx_utils.MIN_OPSET} to {onnx_utils.MAX_OPSET} '
-                             f'(default {onnx_utils.DEFAULT_OPSET})')
+    parser.add_argument('--opset', type=int, default=onnx_export.DEFAULT_OPSET,
+                        help=f'ONNX opset, {onnx_export.MIN_OPSET} to {onnx_export.MAX_OPSET} '
+                             f'(default {onnx_export.DEFAULT_OPSET})')
     parser.add_argument('--raw-heads', action='store_true',
                         help="output each head's raw (B, A, H, W, 5+C) logits instead of the "
                              'decoded (B, N, 5+C) detections; layout below')
     parser.add_argument('--output', help='the ONNX file to write (.onnx); default: '
                                          '<weights name>.onnx in --output-dir')
-    parser.add_argument('--output-dir', default='runs/export', help='folder for the ONNX file')
+    add_output_dir_arg(parser, 'runs/export', 'folder for the ONNX file')
     parser.add_argument('--int8', action='store_true',
                         help='also write <name>-int8.onnx, statically quantised (QDQ, int8 '
                              'per-channel weights), calibrated on --data train= images')
     parser.add_argument('--calibrate-images', type=int, default=64, metavar='N',
                         help='--int8: images of the train= list to calibrate on (default 64)')
-    parser.add_argument('--data', help='--int8: data set description (.data); its train= '
-                                       'images calibrate, its valid= images give the mAP')
+    add_data_args(parser, '--int8: data set description (.data); its train= images '
+                  'calibrate, its valid= images give the mAP', loader=False)
     return parser
 
 
@@ -109,21 +110,21 @@ def export_int8(path, args, img_size, images, options):
     both on the valid= list when the .data has one."""
     int8_path = path[:-len('.onnx')] + '-int8.onnx'
     start = time.perf_counter()
-    onnx_utils.quantize_int8(path, int8_path, images)
+    onnx_export.quantize_int8(path, int8_path, images)
     print(f'wrote {int8_path} ({os.path.getsize(int8_path) / 1e6:.2f} MB), calibrated on '
           f'{len(images)} images of {args.data} train= in {time.perf_counter() - start:.1f} s')
     result = {'int8_path': int8_path}
     # interleaved rounds, so a slower moment of the machine hits both files alike
-    rounds = [[onnx_utils.onnx_latency(p, img_size, runs=5) for p in (path, int8_path)]
+    rounds = [[onnx_export.onnx_latency(p, img_size, runs=5) for p in (path, int8_path)]
               for _ in range(3)]
     fp32, int8 = (float(np.median(column)) for column in zip(*rounds))
     print(f'onnxruntime latency, batch 1, {torch.get_num_threads()} threads: FP32 '
           f'{fp32 * 1e3:.2f} ms, INT8 {int8 * 1e3:.2f} ms ({fp32 / int8:.2f}x faster)')
     result.update(fp32_latency=fp32, int8_latency=int8)
     if 'valid' in options:
-        from utils.evaluate import evaluate
+        from evaluation.evaluate import evaluate
         loader, _ = create_dataloader(options['valid'], img_size, 16, options['classes'])
-        maps = [evaluate(onnx_utils.OnnxModel(p), loader, options['classes'],
+        maps = [evaluate(onnx_export.OnnxModel(p), loader, options['classes'],
                          progress=False).metrics['map50'] for p in (path, int8_path)]
         print(f'mAP@0.5 on {args.data} valid=: FP32 {maps[0]:.4f}, INT8 {maps[1]:.4f} '
               f'({maps[1] - maps[0]:+.4f})')
@@ -133,8 +134,8 @@ def export_int8(path, args, img_size, images, options):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    onnx_utils.require_onnx()
-    onnx_utils.check_opset(args.opset)
+    onnx_export.require_onnx()
+    onnx_export.check_opset(args.opset)
     if args.cfg is None:
         use_demo(args, data=False)
     require_weights(args, 'trained or pruned')
@@ -145,9 +146,9 @@ def main(argv=None):
     calibration = int8_inputs(args, model, img_size) if args.int8 else None
     start = time.perf_counter()
     try:
-        difference = onnx_utils.export_onnx(model, path, img_size, args.dynamic_batch,
+        difference = onnx_export.export_onnx(model, path, img_size, args.dynamic_batch,
                                             args.opset, args.raw_heads)
-    except onnx_utils.OnnxCheckError as e:
+    except onnx_export.OnnxCheckError as e:
         raise SystemExit(f'error: {e}') from None
     batches = 'batch 1 and 2' if args.dynamic_batch else 'batch 1'
     outputs = 'raw heads' if args.raw_heads else 'decoded detections'
@@ -155,7 +156,7 @@ def main(argv=None):
           f'{outputs}, {"dynamic" if args.dynamic_batch else "fixed"} batch, in '
           f'{time.perf_counter() - start:.1f} s')
     print(f'onnxruntime vs PyTorch ({batches}): largest difference {difference:.2e} of the '
-          f'output scale (limit {onnx_utils.MAX_DIFFERENCE:g})')
+          f'output scale (limit {onnx_export.MAX_DIFFERENCE:g})')
     print(f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
     result = {'path': path, 'difference': difference, 'img_size': img_size}
     if calibration is not None:

@@ -2,7 +2,7 @@
 
     python prune_layer.py --cfg CFG --weights SPARSE.pt --data DATA --layers 8 --percent 0.5
 
-Blocks are ranked by the |gamma| of their branch convs (utils/layer_prune.py says how);
+Blocks are ranked by the |gamma| of their branch convs (pruning/layer_prune.py says how);
 --percent then prunes channels of the result in shortcut mode. With no arguments it
 prunes the sparse demo YOLOv3 on the demo data.
 """
@@ -10,11 +10,14 @@ import time
 
 from terminaltables import AsciiTable
 
-from utils.errors import ArgumentParser, run_cli
+from cli.common import ArgumentParser
+from cli.prune import (add_common_args, close_run, fill_demo_defaults, load_model, map_scorer,
+                       output_paths, refuse_difference)
+from data.datasets import DataFile, check_classes
+from pruning.layer_prune import layer_prune
+from pruning.report import describe_plan, layer_table
+from utils.errors import run_cli
 from utils.fileio import require_output_dir
-from utils.layer_prune import layer_prune
-from utils.prune_cli import (add_common_args, describe_plan, fill_demo_defaults, finish,
-                             layer_table, load_model, output_paths, refuse_difference)
 
 
 def get_args_parser():
@@ -66,7 +69,10 @@ def main(argv=None):
     fill_demo_defaults(args, channels=args.percent is not None)
     require_output_dir(args.output_dir)
     start = time.perf_counter()
+    data = DataFile(args.data) if args.data else None
     model, img_size = load_model(args)
+    if data is not None:
+        check_classes(model, data.options, args.data, args.cfg)
     result = layer_prune(model, args.layers, args.percent, args.layer_keep,
                          min(img_size, 4 * model.stride))
     cfg_path, weights_path = output_paths(args, f'layer-{len(result.removed)}' + (
@@ -83,7 +89,8 @@ def main(argv=None):
         if result.plan is not None:
             print('channels, by layer index in the layer-pruned cfg:')
             print(layer_table(result.depth_model, result.plan))
-    report = finish(model, result.compact, args, img_size, start, (cfg_path, weights_path))
+    report = close_run(model, result.compact, img_size, start, (cfg_path, weights_path),
+                       map_scorer(data, args, img_size, model.stride))
     return {'result': result, 'ranking': result.ranking, 'removed': result.removed,
             'plan': result.plan, **report, 'depth_difference': result.depth_difference,
             'difference': result.difference}

@@ -4,8 +4,8 @@
 
 With no arguments it prunes the sparse demo model on the demo data.
 """
+from cli.prune import main
 from utils.errors import run_cli
-from utils.prune_cli import main
 
 if __name__ == '__main__':
     run_cli(lambda argv: main('shortcut', argv))

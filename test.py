@@ -7,36 +7,32 @@
 
 An exported .onnx file (export.py) is evaluated with onnxruntime, no cfg needed, through
 the same letterbox, NMS and metrics. With no arguments it evaluates the demo model on
-the demo data. The evaluation itself is `utils.evaluate.evaluate`, which train.py
+the demo data. The evaluation itself is `evaluation.evaluate.evaluate`, which train.py
 and the prune scripts call too.
 """
 import json
 
-from utils.cli import check_classes, default_img_size, require_weights, use_demo
-from utils.datasets import create_dataloader
-from utils.errors import ArgumentParser, UserInputError, run_cli
-from utils.evaluate import evaluate, load_model
+from cli.common import ArgumentParser, add_data_args, add_model_args, require_weights, use_demo
+from darknet.cfg import load_class_names, parse_data_cfg, require_data_key
+from data.datasets import check_classes, create_dataloader, default_img_size
+from deploy.onnx_export import load_model_or_onnx
+from evaluation.evaluate import evaluate
+from utils.errors import UserInputError, run_cli
 from utils.fileio import atomic_write_text, refuse_overwrite, require_output_file
-from utils.parse_config import load_class_names, parse_data_cfg, require_data_key
 from utils.torch_utils import select_device
 
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--cfg', help='model definition (.cfg); default: the demo model')
-    parser.add_argument('--weights', help='model weights (.weights or .pt), or an exported '
-                                          '.onnx file (then no --cfg)')
-    parser.add_argument('--data', help='data set description (.data); default: the demo set')
-    parser.add_argument('--img-size', type=int, help="input side in pixels (default: cfg's width)")
-    parser.add_argument('--batch-size', type=int, default=16, help='images per batch')
+    add_model_args(parser, 'model definition (.cfg); default: the demo model',
+                   'model weights (.weights or .pt), or an exported .onnx file (then no --cfg)')
+    add_data_args(parser, 'data set description (.data); default: the demo set')
     parser.add_argument('--conf-thres', type=float, default=0.001, help='score threshold')
     # the seed's test.py had --nms-thres for NMS and --iou-thres for matching a detection
     # to a label; matching here is fixed at IoU 0.5 (mAP@0.5) and 0.5:0.95
     parser.add_argument('--iou-thres', '--nms-thres', dest='iou_thres', type=float, default=0.5,
                         help='NMS IoU threshold (--nms-thres is the same flag; unlike the '
                         "ultralytics-era test.py, --iou-thres is not the matching threshold)")
-    parser.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
-    parser.add_argument('--workers', type=int, default=2, help='data loading processes')
     parser.add_argument('--save-json', metavar='PATH', nargs='?', const='results.json',
                         help='write COCO-format detections (.json; with no PATH: '
                         'results.json). Class ids stay 0-based, not COCO\'s 91-id numbering')
@@ -62,7 +58,7 @@ def main(argv=None):
             require_output_file(path, flag)
     device = select_device(args.device)
     options = parse_data_cfg(args.data)
-    model = load_model(args.cfg, args.weights, device)
+    model = load_model_or_onnx(args.cfg, args.weights, device)
     check_classes(model, options, args.data, args.cfg or args.weights,
                   'pass the matching .data or cfg')
     if exported and args.img_size not in (None, model.img_size):

@@ -35,14 +35,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-from models import Darknet, load_weights  # noqa: E402
 from prune_results import finetune, map50  # noqa: E402
+
+from cli import demo  # noqa: E402
+from cli.prune import write_outputs  # noqa: E402
+from darknet.model import Darknet  # noqa: E402
+from darknet.weights import load_weights  # noqa: E402
+from pruning.calibration import calibration_batches  # noqa: E402
+from pruning.calibration import recalibrate_bn  # noqa: E402
+from pruning.plan import find_percent, rank_channels  # noqa: E402
+from pruning.surgery import prune  # noqa: E402
 from train import main as train_main  # noqa: E402
-from utils import demo  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
 from utils.plots import pyplot, save_figure  # noqa: E402
-from utils.prune_cli import calibration_batches, write_outputs  # noqa: E402
-from utils.prune_utils import find_percent, prune, rank_channels, recalibrate_bn  # noqa: E402
 from utils.torch_utils import count_parameters  # noqa: E402
 
 # name -> (cfg, weights or the training that makes them, prune mode)

@@ -14,15 +14,15 @@ import os
 import sys
 import time
 
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import Darknet, load_weights  # noqa: E402
-from train import make_optimizer  # noqa: E402
-from utils import demo  # noqa: E402
-from utils.datasets import create_dataloader  # noqa: E402
-from utils.evaluate import evaluate  # noqa: E402
-from utils.loss import compute_loss  # noqa: E402
-from utils.parse_config import parse_data_cfg  # noqa: E402
+from cli import demo  # noqa: E402
+from darknet.cfg import parse_data_cfg  # noqa: E402
+from darknet.loss import compute_loss  # noqa: E402
+from darknet.model import Darknet  # noqa: E402
+from darknet.weights import load_weights  # noqa: E402
+from data.datasets import create_dataloader  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
+from training.engine import make_optimizer  # noqa: E402
 
 
 def training_throughput(model, loader, batches):

@@ -33,17 +33,19 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-from models import Darknet, darknet_float_count, load_weights  # noqa: E402
+from cli import demo  # noqa: E402
+from cli.prune import write_outputs  # noqa: E402
+from darknet.cfg import parse_data_cfg  # noqa: E402
+from darknet.model import Darknet  # noqa: E402
+from darknet.weights import darknet_float_count, load_weights  # noqa: E402
+from data.datasets import create_dataloader  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
+from pruning.plan import find_percent  # noqa: E402
+from pruning.surgery import prune  # noqa: E402
 from train import main as train_main  # noqa: E402
-from utils import demo  # noqa: E402
-from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
-from utils.evaluate import evaluate  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
-from utils.parse_config import parse_data_cfg  # noqa: E402
 from utils.plots import pyplot, save_figure  # noqa: E402
-from utils.prune_cli import write_outputs  # noqa: E402
-from utils.prune_utils import find_percent, prune  # noqa: E402
 from utils.torch_utils import count_macs, count_parameters, time_sync  # noqa: E402
 
 NOTES = []  # targets a mode cannot reach, listed under the table
@@ -124,7 +126,7 @@ def interleaved_latency(models, rounds):
 
 def onnx_latencies(models, rounds):
     """ONNX Runtime medians, interleaved the same way; None where onnxruntime is missing."""
-    from utils.onnx_utils import export_onnx, ort_session, require_onnx
+    from deploy.onnx_export import export_onnx, ort_session, require_onnx
     try:
         require_onnx()
     except UserInputError as e:
@@ -198,7 +200,7 @@ def pruned_row(family, name, mode, compact, full, spec, args, extra):
 
 def layer_rows(family, spec, sparse, args):
     """Whole residual blocks removed (and then shortcut-mode channels, on the last count)."""
-    from utils.layer_prune import layer_prune
+    from pruning.layer_prune import layer_prune
     rows, models = [], {}
     full = count_parameters(sparse)
     counts = [int(n) for n in args.layers.split(',')]

@@ -18,8 +18,9 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import Darknet, load_weights, save_weights  # noqa: E402
-from utils.prune_cli import main as prune_main  # noqa: E402
+from cli.prune import main as prune_main  # noqa: E402
+from darknet.model import Darknet  # noqa: E402
+from darknet.weights import load_weights, save_weights  # noqa: E402
 from utils.torch_utils import count_macs, measure_latency, median_seconds  # noqa: E402
 
 

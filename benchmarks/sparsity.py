@@ -28,16 +28,18 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-from models import Darknet, load_weights  # noqa: E402
+from cli import demo  # noqa: E402
+from cli.prune import CALIBRATION_IMAGES  # noqa: E402
+from darknet.cfg import parse_data_cfg  # noqa: E402
+from darknet.model import Darknet  # noqa: E402
+from darknet.weights import load_weights  # noqa: E402
+from data.datasets import create_dataloader  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
+from pruning.calibration import calibration_batches  # noqa: E402
 from train import main as train_main  # noqa: E402
-from utils import demo  # noqa: E402
-from utils.datasets import create_dataloader  # noqa: E402
-from utils.evaluate import evaluate  # noqa: E402
+from training.sparsity import Monitor  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
-from utils.parse_config import parse_data_cfg  # noqa: E402
 from utils.plots import pyplot, save_figure  # noqa: E402
-from utils.prune_cli import CALIBRATION_IMAGES, calibration_batches  # noqa: E402
-from utils.sparsity import Monitor  # noqa: E402
 
 # name -> (epochs, train.py flags); -sr --prune 1 --target-params 0.6 are added
 SHORT = ['--lr', '0.002']

@@ -42,14 +42,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-from models import Darknet, load_weights  # noqa: E402
-from utils import demo  # noqa: E402
-from utils.datasets import LoadImagesAndLabels, create_dataloader  # noqa: E402
-from utils.evaluate import evaluate  # noqa: E402
+from cli import demo  # noqa: E402
+from darknet.model import Darknet  # noqa: E402
+from darknet.weights import load_weights  # noqa: E402
+from data.datasets import LoadImagesAndLabels, create_dataloader  # noqa: E402
+from deploy.onnx_export import OnnxModel, export_onnx, ort_session, quantize_int8  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
+from pruning.graph import prunable_units  # noqa: E402
+from pruning.plan import plan_masks  # noqa: E402
+from pruning.surgery import prune  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
-from utils.onnx_utils import OnnxModel, export_onnx, ort_session, quantize_int8  # noqa: E402
 from utils.plots import pyplot, save_figure  # noqa: E402
-from utils.prune_utils import plan_masks, prunable_units, prune  # noqa: E402
 from utils.torch_utils import count_macs, count_parameters, interleaved_medians  # noqa: E402
 
 ZERO_SHARE = 0.7

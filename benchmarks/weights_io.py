@@ -14,7 +14,8 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import Darknet, load_darknet_weights, save_weights  # noqa: E402
+from darknet.model import Darknet  # noqa: E402
+from darknet.weights import load_darknet_weights, save_weights  # noqa: E402
 from utils.torch_utils import median_seconds  # noqa: E402
 
 

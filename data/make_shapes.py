@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.errors import ArgumentParser, UserInputError, run_cli  # noqa: E402
+from cli.common import ArgumentParser  # noqa: E402
+from darknet.cfg import parse_data_cfg  # noqa: E402
+from utils.errors import UserInputError, run_cli  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
-from utils.parse_config import parse_data_cfg  # noqa: E402
 
 CLASS_NAMES = ('circle', 'square', 'triangle', 'cross')
 SPLITS = ('train', 'valid')
@@ -182,12 +183,21 @@ def render_scene(rng, img_size=IMG_SIZE, plain=False):
             break
 
     if not plain:
-        if rng.random() < 0.25:
-            img = cv2.GaussianBlur(img, (3, 3), 0)
-        sigma = rng.uniform(0, 12)
-        noise = rng.normal(0.0, sigma, img.shape)
-        img = np.clip(img + noise, 0, 255).astype(np.uint8)
+        img = _camera_effects(rng, img)
+    return img, _tight_labels(owner, classes, size)
 
+
+def _camera_effects(rng, img):
+    """A little blur now and then, and pixel noise."""
+    if rng.random() < 0.25:
+        img = cv2.GaussianBlur(img, (3, 3), 0)
+    sigma = rng.uniform(0, 12)
+    noise = rng.normal(0.0, sigma, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def _tight_labels(owner, classes, size):
+    """(n, 5) [class, cx, cy, w, h] of the pixels each shape `owner` gives it."""
     labels = []
     for k, cls in enumerate(classes):
         ys, xs = np.nonzero(owner == k)
@@ -195,7 +205,7 @@ def render_scene(rng, img_size=IMG_SIZE, plain=False):
         x1, x2, y1, y2 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
         labels.append((cls, (x1 + x2) / 2 / size, (y1 + y2) / 2 / size,
                        (x2 - x1) / size, (y2 - y1) / size))
-    return img, np.array(labels, np.float64).reshape(-1, 5)
+    return np.array(labels, np.float64).reshape(-1, 5)
 
 
 def format_labels(labels):
@@ -277,7 +287,7 @@ def ensure_shapes(data_path='data/shapes.data', seed=SEED, n_train=N_TRAIN, n_va
                   img_size=IMG_SIZE, progress=True):
     """Generate the shapes set a .data file names, unless its list files already exist.
 
-    The .data file is read as the training scripts read it (utils.parse_config: relative
+    The .data file is read as the training scripts read it (darknet.cfg: relative
     paths from the current folder, else from the .data file's folder), so the set lands
     where they will look. It is written to the folder of the `train` list, which must be
     named train.txt next to valid.txt. Returns `data_path`.

@@ -7,7 +7,7 @@ nothing with models.py but the cfg parser.
 """
 import numpy as np
 
-from utils.parse_config import parse_model_cfg
+from darknet.cfg import parse_model_cfg
 
 
 def _sigmoid(x):

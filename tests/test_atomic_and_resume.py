@@ -29,10 +29,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, TEST_CFGS
+
+from darknet.model import Darknet
+from darknet.weights import conv_layers, darknet_tensors, load_weights
 from data.make_shapes import generate
-from models import Darknet, conv_layers, darknet_tensors, load_weights
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
 BIG_CFG = os.path.join(ROOT, 'cfg', 'yolov3-tiny.cfg')  # 8.9M parameters: 35 MB per write
@@ -64,7 +65,8 @@ elif kind == 'json':
             json.dump({'i': i, 'payload': [i] * 300000}, f)
 else:
     import torch
-    from models import Darknet, save_model_weights, save_weights
+    from darknet.model import Darknet
+    from darknet.weights import save_model_weights, save_weights
     model = Darknet(cfg)
     def write(i):
         with torch.no_grad():
@@ -156,6 +158,7 @@ def _inside_atomic_output(node, parents):
 # image and label files of a generated data set: its list files are written last
 # (atomically), so a cut generation leaves no list file and is run again from scratch
 NON_ATOMIC_ALLOWED = {('data/make_shapes.py', 'write_bytes'), ('data/make_shapes.py', 'write_text'),
+                      ('data/make_digits.py', 'write_bytes'), ('data/make_digits.py', 'write_text'),
                       ('utils/fileio.py', 'open')}
 WRITERS = {'save', 'savefig', 'tofile', 'write_text', 'write_bytes', 'imwrite', 'dump'}
 
@@ -303,9 +306,10 @@ def test_stop_around_the_last_pt_save_resumes_to_the_same_epoch_count(
     with the epochs it knows are done, so epoch 2 repeats). Either way --resume must end
     with each of the 3 epochs counted once."""
     import train
+    from training import engine
     folder = str(tmp_path / 'run')
-    real_save = train.save_checkpoint
-    error = train.Stop if stop == 'Stop' else Killed
+    real_save = engine.save_checkpoint
+    error = engine.Stop if stop == 'Stop' else Killed
 
     def save_checkpoint(path, model, optimizer, epoch, best_fitness, args):
         if path.endswith('last.pt') and epoch == 1 and not getattr(save_checkpoint, 'cut', 0):
@@ -315,7 +319,7 @@ def test_stop_around_the_last_pt_save_resumes_to_the_same_epoch_count(
             raise error()
         real_save(path, model, optimizer, epoch, best_fitness, args)
 
-    monkeypatch.setattr(train, 'save_checkpoint', save_checkpoint)
+    monkeypatch.setattr(engine, 'save_checkpoint', save_checkpoint)
     with pytest.raises(SystemExit if stop == 'Stop' else Killed):
         train.main(_args(shapes16, folder, 3))
     monkeypatch.undo()
@@ -334,8 +338,9 @@ def test_a_signal_during_the_checkpoint_writes_waits_for_them(
     they are complete (an exception raised inside torch.save would break its zip writer
     and end in a traceback): the run stops with 2 epochs done, exit 130."""
     import train
+    from training import engine
     folder = str(tmp_path / 'run')
-    real_save, sent = train.save_checkpoint, []
+    real_save, sent = engine.save_checkpoint, []
 
     def save_checkpoint(path, model, optimizer, epoch, best_fitness, args):
         if path.endswith('last.pt') and epoch == 1 and not sent:
@@ -343,7 +348,7 @@ def test_a_signal_during_the_checkpoint_writes_waits_for_them(
             os.kill(os.getpid(), signum)  # handled at the next bytecode, inside the writes
         real_save(path, model, optimizer, epoch, best_fitness, args)
 
-    monkeypatch.setattr(train, 'save_checkpoint', save_checkpoint)
+    monkeypatch.setattr(engine, 'save_checkpoint', save_checkpoint)
     with pytest.raises(SystemExit) as stop:
         train.main(_args(shapes16, folder, 3))
     assert sent and stop.value.code == 130

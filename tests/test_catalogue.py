@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, TEST_CFGS, randomize_weights
+
+from darknet.model import Darknet
+from darknet.weights import save_model_weights, save_weights
 from data.make_shapes import generate
-from models import Darknet, save_model_weights, save_weights
+from pruning.plan import plan_masks
 from utils.errors import run_cli
-from utils.prune_utils import plan_masks
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')       # 4 classes, stride 8, 64x64
 OTHER_CFG = os.path.join(TEST_CFGS, 'features.cfg')       # 2 classes, with a shortcut
@@ -419,7 +420,7 @@ def _entry(script):
         assert os.path.dirname(os.path.abspath(test.__file__)) == ROOT  # not Python's own
         return test.main
     if script.startswith('prune_') and script != 'prune_layer.py':
-        from utils.prune_cli import main
+        from cli.prune import main
         mode = script[len('prune_'):-len('.py')]
         return lambda argv: main(mode, argv)
     return importlib.import_module(script[:-len('.py')]).main
@@ -576,6 +577,7 @@ def test_a_full_disk_stops_training_cleanly_and_resume_finishes(inputs, tmp_path
     one line, exit 2, last.pt still epoch 1, no temporary file. With the space back,
     --resume trains epochs 2 and 3 and counts each once."""
     import torch
+
     import train
     folder = tmp_path / 'run'
     common = ['--cfg', CFG, '--data', inputs['data'], '--workers', '0', '--batch-size', '2',
@@ -607,7 +609,7 @@ HOOKED = '''
 import os, runpy, sys
 root, signum, hook, script = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 sys.path.insert(0, root)
-import utils.onnx_utils as onnx_utils, utils.prune_cli as prune_cli
+import deploy.onnx_export as onnx_utils, cli.prune as prune_cli, pruning.report as report
 
 def hooked(module, name):
     real = getattr(module, name)
@@ -616,7 +618,7 @@ def hooked(module, name):
         return real(*args, **kwargs)
     setattr(module, name, call)
 
-module, name = {'weights': (prune_cli, 'save_weights'), 'cfg': (prune_cli, 'write_cfg'),
+module, name = {'weights': (report, 'save_weights'), 'cfg': (report, 'write_cfg'),
                 'check': (onnx_utils, 'onnx_difference'), 'load': (prune_cli, 'load_model'),
                 'export': (onnx_utils, '_export_bytes')}[hook]
 hooked(module, name)

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TEST_CFGS
-from models import Darknet, save_weights
+
+from darknet.model import Darknet
+from darknet.weights import save_weights
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
 

@@ -1,4 +1,4 @@
-"""The CLI chores written once (utils/cli.py, utils.fileio.refuse_overwrite).
+"""The CLI chores written once (cli/common.py, utils.fileio.refuse_overwrite).
 
 The overwrite check compares resolved paths: an output reached through a symlinked
 folder is the input file it lands on (atomic_output renames into that folder), which
@@ -6,6 +6,7 @@ an abspath comparison misses. Each script-level case fails before any model is r
 so a script that let the path through would fail later with another message.
 """
 import os
+import test as test_script
 from argparse import Namespace
 from types import SimpleNamespace
 
@@ -13,9 +14,9 @@ import pytest
 from conftest import TEST_CFGS
 
 import derive_cfg
-import test as test_script
-from utils import demo
-from utils.cli import check_classes, default_img_size, use_demo
+from cli import demo
+from cli.common import use_demo
+from data.datasets import check_classes, default_img_size
 from utils.errors import UserInputError
 from utils.fileio import overwritten_input, refuse_overwrite
 

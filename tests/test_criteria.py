@@ -1,5 +1,5 @@
-"""Channel criteria, cost-aware selection and BN recalibration (utils/importance.py,
-utils/prune_utils.rank_channels / recalibrate_bn).
+"""Channel criteria, cost-aware selection and BN recalibration (pruning/criteria.py,
+pruning.plan.rank_channels / pruning.calibration.recalibrate_bn).
 
 The central check is a second road to the same model: scaling one layer's gamma and
 beta by a and its consumer's BatchNorm statistics by a and a^2 gives a model with the
@@ -11,13 +11,16 @@ import os
 
 import pytest
 import torch
-
 from conftest import TEST_CFGS, randomize_weights
-from models import Darknet
-from utils.importance import CRITERIA, _lamp, channel_costs, unit_scores
-from utils.loss import compute_loss
-from utils.prune_utils import (compact_cost, find_percent, plan_masks, prune,
-                               prunable_units, rank_channels, recalibrate_bn)
+
+from darknet.loss import compute_loss
+from darknet.model import Darknet
+from pruning.calibration import recalibrate_bn
+from pruning.costs import channel_costs
+from pruning.criteria import CRITERIA, _lamp, get_criterion
+from pruning.graph import prunable_units
+from pruning.plan import compact_cost, find_percent, plan_masks, rank_channels
+from pruning.surgery import prune
 from utils.torch_utils import count_macs, count_parameters
 
 IMG = 64
@@ -68,8 +71,8 @@ def test_criterion_ranks_a_rescaled_layer_as_before(criterion):
     model = _model()
     info, units, _ = prunable_units(model, 'tiny')
     batches = _batches()
-    before = unit_scores(model, info, units, criterion, batches)
-    after = unit_scores(_rescaled(model), info, units, criterion, batches)
+    before = get_criterion(criterion).scores(model, info, units, batches)
+    after = get_criterion(criterion).scores(_rescaled(model), info, units, batches)
     for unit, b, a in zip(units, before, after):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-6, msg=f'unit {unit}')
 
@@ -97,6 +100,50 @@ def test_uniform_cuts_the_same_share_of_every_layer():
         assert abs(int((~mask).sum()) - len(mask) / 2) <= 1, unit
 
 
+def test_filter_norm_is_each_filters_l1_over_its_convs_mean_by_hand():
+    """filter-norm (Li et al. 2017) against loops over the weights; a shortcut group
+    takes its best branch."""
+    for cfg, mode in (('small_detector.cfg', 'tiny'), ('residual_chain.cfg', 'shortcut')):
+        model = _model(os.path.join(TEST_CFGS, cfg), seed=3)
+        info, units, _ = prunable_units(model, mode)
+        scores = get_criterion('filter-norm').scores(model, info, units)
+        for unit, got in zip(units, scores):
+            per_conv = []
+            for i in unit:
+                weight = model.module_list[i].Conv2d.weight.detach()
+                norms = [sum(abs(float(v)) for v in weight[o].flatten())
+                         for o in range(weight.shape[0])]
+                per_conv.append([n / (sum(norms) / len(norms)) for n in norms])
+            expected = [max(conv[c] for conv in per_conv if c < len(conv))
+                        for c in range(max(len(conv) for conv in per_conv))]
+            torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_criterion_is_one_class(tmp_path, monkeypatch):
+    """Defining a Criterion subclass registers it: --criterion takes it, and the plan
+    cuts what its scores say (here: the channels with the highest index go first)."""
+    from pruning import criteria
+
+    monkeypatch.setattr(criteria, 'CRITERIA', dict(criteria.CRITERIA))
+
+    class LastFirst(criteria.Criterion):
+        name = 'last-first'
+        default_cost = None
+        default_max_layer_prune = None
+
+        def scores(self, model, info, units, batches=None):
+            return [torch.arange(len(model.module_list[u[0]].BatchNorm2d.weight), 0, -1.0)
+                    for u in units]
+
+    assert 'last-first' in criteria.CRITERIA
+    model = _model()
+    plan = plan_masks(model, 'tiny', 0.3, ranking=rank_channels(model, 'tiny', 'last-first'))
+    for unit in plan.units:
+        mask = plan.masks[unit[0]]
+        kept = int(mask.sum())
+        assert mask[:kept].all() and not mask[kept:].any(), unit
+
+
 def test_lamp_scores_by_hand():
     # squares 1, 4, 9: 1 / (1 + 4 + 9), 4 / (4 + 9), 9 / 9, in the gammas' own order
     scores = _lamp(torch.tensor([2.0, 1.0, 3.0]))
@@ -111,16 +158,16 @@ def test_taylor_is_the_derivative_of_the_loss_along_gamma(cfg, mode, monkeypatch
     loss's two terms that autograd holds constant by design are off (the objectness
     target's IoU, CIoU's alpha: obj_iou 0 and plain IoU), since a difference quotient
     would follow them."""
-    import utils.importance
+    import pruning.criteria
     smooth_loss = lambda heads, targets, model: compute_loss(heads, targets, model,
                                                               {'obj_iou': 0.0, 'iou_type': 'iou'})
-    monkeypatch.setattr(utils.importance, 'compute_loss', smooth_loss)
+    monkeypatch.setattr(pruning.criteria, 'compute_loss', smooth_loss)
     cfg = os.path.join(TEST_CFGS, cfg)
     model = _model(cfg, dtype=torch.float64)
     info, units, _ = prunable_units(model, mode)
     assert mode != 'shortcut' or any(len(u) > 1 for u in units)
     batches = _batches(count=1, dtype=torch.float64)
-    scores = unit_scores(model, info, units, 'taylor', batches)
+    scores = get_criterion('taylor').scores(model, info, units, batches)
     imgs, targets = batches[0]
 
     def loss_with(unit, channel, factor):
@@ -270,14 +317,14 @@ def _copy(model):
 # ---------------------------------------------------------------- the scripts
 
 def _run(argv, tmp_path):
-    from utils.prune_cli import main
+    from cli.prune import main
     return main('tiny', ['--cfg', SMALL, '--img-size', str(IMG), '--output-dir',
                          str(tmp_path)] + argv)
 
 
 @pytest.fixture
 def small_weights(tmp_path):
-    from models import save_weights
+    from darknet.weights import save_weights
     path = str(tmp_path / 'small.weights')
     save_weights(_model(), path)
     return path
@@ -300,7 +347,8 @@ def test_bad_selection_flags_are_refused(argv, words, small_weights, tmp_path):
 
 
 def test_default_run_writes_the_widths_plot_and_keeps_the_floor(small_weights, tmp_path):
-    from utils.prune_cli import DEFAULT_MAX_LAYER_PRUNE
+    from pruning.criteria import get_criterion
+    DEFAULT_MAX_LAYER_PRUNE = get_criterion('consumer').default_max_layer_prune
     result = _run(['--weights', small_weights, '--percent', '0.9'], tmp_path)
     with open(result['widths'], 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -317,8 +365,9 @@ def test_default_criterion_writes_files_opencv_reads_as_the_keep_size_model(cfg,
     """The default run (criterion, cost, floor): OpenCV's Darknet importer on the written
     compact files against our keep-size model of the same plan, on a fresh image."""
     from conftest import assert_same_detections, opencv_detections, our_detections
-    from models import save_weights
-    from utils.prune_cli import main
+
+    from cli.prune import main
+    from darknet.weights import save_weights
     cfg = os.path.join(TEST_CFGS, cfg)
     model = _model(cfg, seed=5)
     weights = str(tmp_path / 'model.weights')

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from data.datasets import (LetterboxInfo, LoadImagesAndLabels, check_dataset, collate_fn,
+                           create_dataloader, image_size, img2label_path, letterbox, load_image)
 from data.make_shapes import generate
-from utils.datasets import (LetterboxInfo, LoadImagesAndLabels, check_dataset, collate_fn,
-                            create_dataloader, image_size, img2label_path, letterbox, load_image)
+from evaluation.metrics import scale_boxes_to_original
 from utils.errors import UserInputError
-from utils.metrics import scale_boxes_to_original
 
 
 def _write_set(root, images, name='list.txt'):

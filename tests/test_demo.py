@@ -1,6 +1,6 @@
 """The shipped demo models: they detect, and the zero-argument prune runs work on them.
 
-The mAP here is computed by `utils.evaluate.evaluate` on the generated validation set, apart
+The mAP here is computed by `evaluation.evaluate.evaluate` on the generated validation set, apart
 from the training runs that reported theirs; the prune script's printed figures are
 checked against the written files reloaded and evaluated again.
 """
@@ -10,13 +10,14 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
-from models import Darknet, load_weights
-from utils import demo
-from utils.datasets import create_dataloader
-from utils.evaluate import evaluate
-from utils.parse_config import parse_data_cfg
+
+from cli import demo
+from darknet.cfg import parse_data_cfg
+from darknet.model import Darknet
+from darknet.weights import load_weights
+from data.datasets import create_dataloader
+from evaluation.evaluate import evaluate
 
 SHIPPED = [(spec['cfg'], spec[key]) for spec in (demo.YOLOV3, demo.TINY)
            for key in ('weights', 'sparse_weights')]

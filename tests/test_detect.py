@@ -5,11 +5,12 @@ import os
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT, TEST_CFGS, randomize_weights
 
 import detect
-from conftest import ROOT, TEST_CFGS, randomize_weights
-from models import Darknet, save_model_weights
-from utils.detect_utils import draw_factor
+from darknet.model import Darknet
+from darknet.weights import save_model_weights
+from deploy.drawing import draw_factor
 from utils.errors import UserInputError
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')  # 4 classes, 64 px

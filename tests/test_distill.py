@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TEST_CFGS, randomize_weights
+
+from cli.prune import main as prune_main
+from darknet.model import Darknet
 from data.make_shapes import generate
-from models import Darknet
-from utils.distill import bernoulli_kl, distillation_loss
-from utils.prune_cli import main as prune_main
+from training.distill import bernoulli_kl, distillation_loss
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')  # 64x64, two heads, 4 classes
 

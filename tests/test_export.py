@@ -1,4 +1,4 @@
-"""ONNX export (export.py, utils/onnx_utils.py): the written file, run by onnxruntime in
+"""ONNX export (export.py, deploy/onnx_export.py): the written file, run by onnxruntime in
 the test's own session on its own input, against our PyTorch model.
 
 Two roads each time: onnxruntime's outputs against the model's eval output (decoded) or
@@ -22,10 +22,13 @@ import torch
 from conftest import ROOT, SHIPPED_CFGS, TEST_CFGS, randomize_weights
 
 import export
-from models import Darknet, save_model_weights, save_weights
+from darknet.model import Darknet
+from darknet.weights import save_model_weights, save_weights
+from deploy.onnx_export import OnnxCheckError, export_onnx, onnx_latency
+from pruning.graph import analyze_graph
+from pruning.plan import plan_masks
+from pruning.surgery import prune
 from utils.errors import UserInputError, run_cli
-from utils.onnx_utils import OnnxCheckError, export_onnx, onnx_latency
-from utils.prune_utils import analyze_graph, plan_masks, prune
 
 IMG = 64
 TINY = os.path.join(ROOT, 'cfg', 'yolov3-tiny-shapes.cfg')

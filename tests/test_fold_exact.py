@@ -21,10 +21,11 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import TEST_CFGS, randomize_weights
-from models import Darknet
-from utils.prune_utils import plan_masks, prune
+
+from darknet.model import Darknet
+from pruning.plan import plan_masks
+from pruning.surgery import prune
 
 CFG = os.path.join(TEST_CFGS, 'fold_kxk.cfg')
 IMG = 64

@@ -14,9 +14,12 @@ import torch
 from conftest import (SHIPPED_CFGS, TEST_CFGS, assert_same_detections, opencv_detections,
                       our_detections, randomize_weights)
 
-from models import Darknet, load_weights, save_weights
-from utils.parse_config import write_cfg
-from utils.prune_utils import analyze_graph, plan_masks, prune
+from darknet.cfg import write_cfg
+from darknet.model import Darknet
+from darknet.weights import load_weights, save_weights
+from pruning.graph import analyze_graph
+from pruning.plan import plan_masks
+from pruning.surgery import prune
 
 IMG = 64
 FULL = {'yolov3.cfg', 'yolov3-spp.cfg'}
@@ -98,7 +101,8 @@ def _saved(model, folder):
 def test_latency_helpers_time_the_deployed_forms(monkeypatch):
     """fused_latency times the fused copy and leaves the model as it was; model_latency
     says None, not an error, where onnxruntime is missing (the prune summary's case)."""
-    from utils import onnx_utils, torch_utils
+    from deploy import onnx_export as onnx_utils
+    from utils import torch_utils
     from utils.errors import UserInputError
     model = randomize_weights(Darknet(os.path.join(TEST_CFGS, 'small_detector.cfg'))).train()
     timed = []

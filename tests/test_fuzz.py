@@ -17,11 +17,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import TEST_CFGS, randomize_weights
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import TEST_CFGS, randomize_weights
-from models import Darknet, load_weights, save_model_weights, save_weights
+from darknet.model import Darknet
+from darknet.weights import load_weights, save_model_weights, save_weights
 from utils.errors import UserInputError
 
 CFGS = [os.path.join(TEST_CFGS, name) for name in

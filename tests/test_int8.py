@@ -16,9 +16,9 @@ import torch
 from conftest import ROOT
 
 import export
-from utils.datasets import LoadImagesAndLabels
+from data.datasets import LoadImagesAndLabels
+from evaluation.metrics import box_iou, non_max_suppression
 from utils.errors import UserInputError
-from utils.metrics import box_iou, non_max_suppression
 
 CFG = os.path.join(ROOT, 'cfg', 'yolov3-tiny-shapes.cfg')
 WEIGHTS = os.path.join(ROOT, 'weights', 'yolov3-tiny-shapes.pt')

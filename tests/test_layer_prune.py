@@ -1,4 +1,4 @@
-"""Layer pruning (prune_layer.py, utils/layer_prune.py): whole residual blocks removed.
+"""Layer pruning (prune_layer.py, pruning/layer_prune.py): whole residual blocks removed.
 
 The strongest check compares two roads to one output: a block whose branch is silenced
 by its weights (last BN gamma = beta = 0, so the branch adds exactly 0) against the
@@ -20,14 +20,15 @@ import torch
 from conftest import (ROOT, TEST_CFGS, assert_same_detections, opencv_detections, our_detections,
                       randomize_weights)
 
-from models import Darknet, load_weights, save_weights
+from cli import prune as prune_cli
+from darknet.cfg import parse_model_cfg
+from darknet.model import Darknet
+from darknet.weights import load_weights, save_weights
 from prune_layer import get_args_parser, main
-from utils import prune_cli
+from pruning.layer_prune import (find_blocks, layer_prune, rank_blocks, remove_blocks,
+                                 silenced_difference)
+from pruning.surgery import output_difference, prune
 from utils.errors import UserInputError
-from utils.layer_prune import (find_blocks, layer_prune, rank_blocks, remove_blocks,
-                               silenced_difference)
-from utils.parse_config import parse_model_cfg
-from utils.prune_utils import output_difference, prune
 
 IMG = 64
 CFG = os.path.join(TEST_CFGS, 'residual_blocks.cfg')

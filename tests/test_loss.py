@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
-
 from conftest import TEST_CFGS, randomize_weights
-from models import Darknet
+
+from darknet.loss import bbox_iou, build_targets, compute_loss
+from darknet.model import Darknet
 from utils.errors import UserInputError
-from utils.loss import bbox_iou, build_targets, compute_loss
 
 # One class, two heads (8x8 at stride 8, 4x4 at stride 16) with anchors far apart, and
 # scale_x_y on the coarse head.

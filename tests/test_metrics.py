@@ -9,8 +9,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.metrics import (IOU_THRESHOLDS, ap_per_class, box_iou, compute_ap, match_detections,
-                           non_max_suppression, scale_boxes_to_original, xywh2xyxy, xyxy2xywh)
+from evaluation.metrics import (IOU_THRESHOLDS, ap_per_class, box_iou, compute_ap, match_detections,
+                                non_max_suppression, scale_boxes_to_original, xywh2xyxy, xyxy2xywh)
 
 
 def _iou_slow(a, b):
@@ -266,7 +266,7 @@ def _letterboxed_eval_set(seed, shape=(64, 96), sizes=((50, 90), (120, 40), (77,
     class's top-scored detection is exact, the others jittered (IoUs across 0.5..1),
     duplicated or missing, plus background false positives. Boxes stay inside the image
     part of the letterbox, so no clipping tells the two roads apart."""
-    from utils.datasets import letterbox
+    from data.datasets import letterbox
     rng = np.random.default_rng(seed)
     classes = rng.permutation(np.repeat([0, 1], 25)).reshape(len(sizes), -1)
     out, exact_done = [], set()
@@ -311,7 +311,7 @@ def test_letterboxed_detections_map_back_to_original_pixels(seed):
     floating point too, which steps of 0.1 do not at 0.7), pycocotools' AP
     is (1 + 100 * continuous AP) / 101 at every IoU threshold; a mapping off by a
     fraction of a pixel changes the matches at the high thresholds."""
-    from utils.evaluate import _coco_rows
+    from evaluation.evaluate import _coco_rows
     images = _letterboxed_eval_set(seed)
     tp, conf, pred_cls, target_cls, rows = [], [], [], [], []
     truth = {'images': [], 'annotations': [], 'categories': [{'id': 0}, {'id': 1}]}

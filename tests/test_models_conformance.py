@@ -5,10 +5,11 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHIPPED_CFGS, TEST_CFGS, opencv_detections, randomize_weights
 from darknet_reference import darknet_forward
-from models import Darknet, load_darknet_weights, save_weights
+
+from darknet.model import Darknet
+from darknet.weights import load_darknet_weights, save_weights
 
 OPENCV_CFGS = SHIPPED_CFGS + [os.path.join(TEST_CFGS, name)
                               for name in ('features.cfg', 'partial_residual.cfg')]
@@ -99,7 +100,7 @@ def test_train_mode_returns_raw_heads_that_decode_to_eval_output(features_cfg):
 @pytest.mark.parametrize('size, stride', [(2, 1), (3, 1), (5, 1), (13, 1), (2, 2), (3, 2)])
 def test_maxpool_matches_a_padded_max_pool2d(size, stride):
     """Darknet pooling: padding size - 1, split low/high, filled with -inf."""
-    from utils.layers import MaxPool
+    from darknet.layers import MaxPool
     x = torch.randn(2, 3, 12, 10)
     low = (size - 1) // 2
     out_h, out_w = ((n + size - 1 - size) // stride + 1 for n in (12, 10))

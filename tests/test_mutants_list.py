@@ -6,7 +6,6 @@ import importlib.util
 import os
 
 import pytest
-
 from conftest import ROOT
 
 

@@ -7,16 +7,17 @@ Two roads to one mAP: the trained demo tiny model evaluated in PyTorch (test.py 
 """
 import json
 import os
+import test as test_script
 
 import numpy as np
 import pytest
 import torch
 from conftest import ROOT
 
-import test as test_script
-from models import Darknet, load_weights
+from darknet.model import Darknet
+from darknet.weights import load_weights
+from deploy.onnx_export import OnnxModel, export_onnx
 from utils.errors import UserInputError
-from utils.onnx_utils import OnnxModel, export_onnx
 
 CFG = os.path.join(ROOT, 'cfg', 'yolov3-tiny-shapes.cfg')
 WEIGHTS = os.path.join(ROOT, 'weights', 'yolov3-tiny-shapes.pt')

@@ -3,13 +3,13 @@ import os
 
 import pytest
 import torch
-
 from conftest import ROOT, SHIPPED_CFGS, TEST_CFGS
+
+from darknet.cfg import (load_class_names, parse_data_cfg, parse_model_cfg, require_data_key,
+                         write_cfg)
+from darknet.model import Darknet
 from derive_cfg import derive_cfg
-from models import Darknet
 from utils.errors import UserInputError
-from utils.parse_config import (load_class_names, parse_data_cfg, parse_model_cfg,
-                                require_data_key, write_cfg)
 
 ALL_CFGS = SHIPPED_CFGS + sorted(os.path.join(TEST_CFGS, f) for f in os.listdir(TEST_CFGS))
 

@@ -12,13 +12,16 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import TEST_CFGS, opencv_detections, our_detections, randomize_weights
+
+from darknet.cfg import parse_model_cfg
+from darknet.model import Darknet
+from darknet.weights import save_weights
 from derive_cfg import derive_cfg
-from models import Darknet, save_weights
-from utils.layer_prune import find_blocks
-from utils.parse_config import parse_model_cfg
-from utils.prune_utils import analyze_graph, plan_masks, prunable_convs, prune
+from pruning.graph import analyze_graph, prunable_convs
+from pruning.layer_prune import find_blocks
+from pruning.plan import plan_masks
+from pruning.surgery import prune
 
 CFG = os.path.join(TEST_CFGS, 'partial_residual.cfg')
 

@@ -8,12 +8,14 @@ import os
 
 import pytest
 import torch
-
 from conftest import TEST_CFGS, randomize_weights
-from models import Darknet, load_weights
+
+from cli.prune import main
+from darknet.model import Darknet
+from darknet.weights import load_weights
+from pruning.plan import compact_cost, find_percent, plan_masks
+from pruning.surgery import prune
 from utils.errors import UserInputError
-from utils.prune_cli import main
-from utils.prune_utils import compact_cost, find_percent, plan_masks, prune
 from utils.torch_utils import count_macs, count_parameters
 
 IMG = 64

@@ -1,4 +1,4 @@
-"""The prune scripts end to end, through `utils.prune_cli.main(mode, argv)`.
+"""The prune scripts end to end, through `cli.prune.main(mode, argv)`.
 
 Each check compares two roads to one answer: a model whose doomed channels output a
 constant (exactly 0 with gamma = beta = 0; act(beta) with gamma = 0 where the fold is
@@ -16,14 +16,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import (ROOT, TEST_CFGS, assert_same_detections, opencv_detections, our_detections,
                       randomize_weights)
-from models import Darknet, load_weights, save_weights
+
+from cli.prune import main
+from darknet.cfg import parse_model_cfg
+from darknet.model import Darknet
+from darknet.weights import load_weights, save_weights
+from pruning.graph import MODES, analyze_graph, prunable_convs
+from pruning.surgery import output_difference, prune
 from utils.errors import UserInputError
-from utils.parse_config import parse_model_cfg
-from utils.prune_cli import main
-from utils.prune_utils import MODES, analyze_graph, output_difference, prunable_convs, prune
 
 IMG = 64
 FEATURES = os.path.join(TEST_CFGS, 'features.cfg')              # shortcut, SPP pools, groups

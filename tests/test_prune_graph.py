@@ -3,13 +3,13 @@ import os
 
 import pytest
 import torch
-
 from conftest import TEST_CFGS
+
+from darknet.cfg import parse_model_cfg
+from darknet.layers import resolve_refs
+from pruning.graph import analyze_graph, prunable_convs
+from training.sparsity import add_sparsity_gradient, sparsity_report
 from utils.errors import UserInputError
-from utils.layers import resolve_refs
-from utils.parse_config import parse_model_cfg
-from utils.prune_utils import (add_sparsity_gradient, analyze_graph, prunable_convs,
-                               sparsity_report)
 
 ROOT = os.path.dirname(TEST_CFGS)
 
@@ -94,7 +94,7 @@ def test_origins_follow_routes_groups_and_sums():
 
 
 def test_sparsity_report_matches_a_brute_force_search():
-    from models import Darknet
+    from darknet.model import Darknet
     model = Darknet(os.path.join(TEST_CFGS, 'small_detector.cfg'))
     convs = prunable_convs(model.module_defs, 'tiny')
     generator = torch.Generator().manual_seed(0)

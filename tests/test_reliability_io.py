@@ -14,15 +14,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import (ROOT, TEST_CFGS, assert_same_detections, opencv_detections, our_detections,
+                      randomize_weights)
 
-from conftest import (ROOT, TEST_CFGS, assert_same_detections, opencv_detections,
-                      our_detections, randomize_weights)
+from darknet.cfg import load_class_names, parse_data_cfg, parse_model_cfg
+from darknet.model import Darknet
+from darknet.weights import load_weights, save_weights
+from data.datasets import check_dataset, load_image
 from data.make_shapes import generate
-from models import Darknet, load_weights, save_weights
 from utils import fileio
-from utils.datasets import check_dataset, load_image
 from utils.errors import UserInputError, run_cli
-from utils.parse_config import load_class_names, parse_data_cfg, parse_model_cfg
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
 TEXT = open(CFG).read()
@@ -119,7 +120,7 @@ def test_labels_from_labelling_tools_and_upper_case_extensions(tmp_path):
     for labels in index.labels:
         np.testing.assert_array_equal(labels, expected)
     assert index.shapes.tolist() == [[40, 56]] * 4
-    from utils.datasets import is_image_file  # what detect.py lists folders with
+    from data.datasets import is_image_file  # what detect.py lists folders with
     assert all(is_image_file(p) for p in index.img_files) and not is_image_file('a.txt')
 
 
@@ -233,7 +234,8 @@ def test_test_and_prune_with_chinese_paths_and_spaces(chinese_set, tmp_path, cap
     a new Chinese folder; prune_normal.py writes its pair there; both files read back."""
     import json
     import test
-    from utils.prune_cli import main as prune
+
+    from cli.prune import main as prune
     base, out = chinese_set, tmp_path / '输出 目录' / '第 1 次'
     common = ['--cfg', str(base / '模型 配置.cfg'), '--weights', str(base / '权重 文件.weights'),
               '--workers', '0']

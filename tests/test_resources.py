@@ -18,10 +18,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, TEST_CFGS
+
+from darknet.model import Darknet
+from darknet.weights import save_weights
 from data.make_shapes import generate
-from models import Darknet, save_weights
 
 pytestmark = pytest.mark.skipif(not os.path.exists('/proc/self/status'),
                                 reason='peak RSS is read from /proc (Linux)')
@@ -32,21 +33,21 @@ BYTES_PER_DETECTION = 400  # and per extra detection on top
 
 MEASURE = r'''
 import json, sys
-root, cfg, weights, data, conf, cache = sys.argv[1:7]
+root, cfg, weights, data_file, conf, cache = sys.argv[1:7]
 sys.path.insert(0, root)
 import test
-import utils.evaluate
+import evaluation.evaluate
 found = {'detections': 0}
-summarise = utils.evaluate._summarise
+summarise = evaluation.evaluate._summarise
 def counting_summarise(matched, *args):
     found['detections'] = sum(len(scores) for _, scores, _ in matched)
     return summarise(matched, *args)
-utils.evaluate._summarise = counting_summarise
+evaluation.evaluate._summarise = counting_summarise
 if cache == '1':  # the control: a loader that keeps every decoded image
-    import utils.datasets
-    kept, load_image = [], utils.datasets.load_image
-    utils.datasets.load_image = lambda path: kept.append(load_image(path)) or kept[-1]
-test.main(['--cfg', cfg, '--weights', weights, '--data', data, '--img-size', '32',
+    import data.datasets as datasets  # `data` names the .data path here
+    kept, load_image = [], datasets.load_image
+    datasets.load_image = lambda path: kept.append(load_image(path)) or kept[-1]
+test.main(['--cfg', cfg, '--weights', weights, '--data', data_file, '--img-size', '32',
            '--batch-size', '16', '--workers', '0', '--conf-thres', conf])
 # VmHWM: this process image's own peak RSS. ru_maxrss would not do: a child started by a
 # big process (pytest after other tests) inherits its parent's maxrss across fork + exec

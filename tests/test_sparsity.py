@@ -1,4 +1,4 @@
-"""Sparsity penalties, schedules and the 'mAP if pruned now' monitor (utils/sparsity.py).
+"""Sparsity penalties, schedules and the 'mAP if pruned now' monitor (training/sparsity.py).
 
 Penalty gradients against autograd of the written penalty (float64); the proximal step
 against the soft-threshold formula and the proximal problem it solves; the monitor
@@ -6,20 +6,19 @@ against two runs without it (weights, BN statistics, optimizer state bitwise) an
 against the other road to the same figure: prune_tiny.py on the checkpoint, then
 test.py on its output; best_pruned.pt, --resume and the refusals.
 """
-import copy
 import csv
 import os
 
 import pytest
 import torch
+from conftest import ROOT, TEST_CFGS, randomize_weights
 
 import train
-from conftest import ROOT, TEST_CFGS, randomize_weights
-from models import Darknet
-from utils import sparsity
+from darknet.model import Darknet
+from pruning.criteria import get_criterion
+from training import sparsity
+from training.sparsity import Penalty, penalty_value
 from utils.errors import UserInputError
-from utils.importance import unit_scores
-from utils.sparsity import Penalty, penalty_value
 
 FOLD = os.path.join(TEST_CFGS, 'fold_kxk.cfg')                  # two shortcut groups, 4 classes
 PARTIAL = os.path.join(TEST_CFGS, 'partial_residual.cfg')       # groups of unequal widths
@@ -87,12 +86,12 @@ def test_group_penalty_is_l1_on_a_single_conv_and_the_norm_on_a_group():
 def test_scaled_factors_are_the_consumer_criterion_over_gamma():
     """Two roads to one ranking: the scaled penalty's factor times |gamma|, summed over a
     unit's convs, is proportional (one constant for the whole model) to
-    utils.importance's consumer score of the channel."""
+    pruning.criteria's consumer score of the channel."""
     model = randomize_weights(Darknet(FOLD), seed=4)
     penalty = Penalty(model, 'shortcut', 'scaled', 0.01)
     penalty.start_epoch(0)
     ratios = []
-    scores = unit_scores(model, penalty.info, penalty.units, 'consumer')
+    scores = get_criterion('consumer').scores(model, penalty.info, penalty.units)
     for unit, score in zip(penalty.units, scores):
         ours = sum(penalty.factors[i] * penalty.bns[i].weight.detach().abs() for i in unit)
         ratios.append(ours / score)
@@ -269,7 +268,8 @@ def test_best_pruned_matches_prune_script_and_test_py(monitored):
     default flags, BN recalibrated on the training images), then the written cfg +
     weights evaluated by test.py, give the mAP the monitor logged for that epoch."""
     import test as test_py
-    from utils.prune_cli import main as prune_main
+
+    from cli.prune import main as prune_main
     root = monitored[0]
     best = torch.load(root / 'on' / 'best_pruned.pt', weights_only=True)
     rows = _rows(root / 'on')
@@ -314,7 +314,7 @@ def test_other_penalties_train(flags, shapes16, tmp_path):
     gammas more than the same run without -sr's penalty (s = 0)."""
     penalised = _train_tiny(shapes16, tmp_path / 'on', *flags, '--s', '0.05')
     plain = _train_tiny(shapes16, tmp_path / 'off', *flags, '--s', '0')
-    from utils.prune_utils import prunable_convs
+    from pruning.graph import prunable_convs
     convs = prunable_convs(Darknet(TINY_CFG).module_defs, 'tiny')
     key = 'module_list.{}.BatchNorm2d.weight'
     shrink = [float(plain['model'][key.format(i)].abs().sum()
@@ -327,15 +327,15 @@ def test_search_from_the_last_percent_finds_the_prune_scripts_plan(kind, target)
     """The monitor's warm-started search (find_percent from a start) against
     find_percent's bisection from scratch: the same percent and masks from starts below,
     at and above the answer."""
-    from utils import prune_cli
-    from models import load_weights
+    from darknet.weights import load_weights
+    from pruning.plan import choose_plan
+    from pruning.settings import PruneSettings
     model = load_weights(Darknet(TINY_CFG), TINY_WEIGHTS).eval()
-    args = prune_cli.get_args_parser('tiny').parse_args([f'--target-{kind}', str(target)])
-    prune_cli.resolve_selection(args, 'tiny')
-    reference = prune_cli.choose_plan(model, 'tiny', copy.copy(args), 128)
+    settings = PruneSettings(target=(kind, target)).resolve('tiny')
+    reference = choose_plan(model, 'tiny', settings, 128)
     for start in (0.0001, reference.percent - 0.0001, reference.percent,
                   reference.percent + 0.0001, reference.percent / 2, 0.99):
-        plan = prune_cli.choose_plan(model, 'tiny', copy.copy(args), 128, start=start)
+        plan = choose_plan(model, 'tiny', settings, 128, start=start)
         assert plan.percent == pytest.approx(reference.percent, abs=1e-9), start
         assert plan.masks.keys() == reference.masks.keys()
         assert all(torch.equal(plan.masks[i], reference.masks[i]) for i in plan.masks)
@@ -347,6 +347,7 @@ def test_monitor_under_torchrun_matches_one_process(tmp_path):
     hang), and the gammas and the logged pruned mAP agree."""
     import subprocess
     import sys
+
     from data.make_shapes import generate
     data = str(generate(tmp_path / 'data', seed=4, n_train=8, n_valid=4, img_size=64,
                         plain=True, workers=1, progress=False))

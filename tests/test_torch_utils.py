@@ -3,9 +3,9 @@ import os
 
 import pytest
 import torch
-
 from conftest import SHIPPED_CFGS, TEST_CFGS
-from models import Darknet
+
+from darknet.model import Darknet
 from utils.torch_utils import count_macs, measure_latency
 
 

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TEST_CFGS
+
+from darknet.model import Darknet
+from darknet.weights import load_weights, save_weights
 from data.make_shapes import generate
-from models import Darknet, load_weights, save_weights
-from utils.prune_utils import prunable_convs
+from pruning.graph import prunable_convs
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
 
@@ -165,7 +166,7 @@ def test_map_agrees_with_pycocotools(trained, shapes64, tmp_path):
 
 def test_pruned_model_trains_with_sparsity_and_prunes_again(shapes8, tmp_path):
     """The iterative road: prune, sparsity-train the compact cfg + weights, prune again."""
-    from utils.prune_cli import main as prune_main
+    from cli.prune import main as prune_main
     weights = str(tmp_path / 'start.weights')
     model = Darknet(CFG)
     with torch.no_grad():  # give half of every prunable layer small gammas

@@ -9,12 +9,14 @@ import os
 
 import pytest
 import torch
+from conftest import TEST_CFGS, randomize_weights
 
 import train
-from conftest import TEST_CFGS, randomize_weights
-from models import Darknet
-from utils import prune_utils
-from utils.prune_utils import SPARSITY_MODES, add_sparsity_gradient, prunable_bn_modules
+from darknet.model import Darknet
+from training import engine
+from training import sparsity as sparsity_module
+from training.sparsity import add_sparsity_gradient, prunable_bn_modules
+from utils.errors import UserInputError
 
 FOLD = os.path.join(TEST_CFGS, 'fold_kxk.cfg')                  # two shortcut groups, 4 classes
 SMALL_DETECTOR = os.path.join(TEST_CFGS, 'small_detector.cfg')  # no shortcut, 4 classes
@@ -72,7 +74,7 @@ def test_weight_decay_moves_conv_weights_only(kind):
     weights move towards 0 and BN weights/biases and conv biases stay exactly where they
     are."""
     model = randomize_weights(Darknet(FOLD), seed=1)
-    optimizer = train.make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0.05, kind=kind)
+    optimizer = engine.make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0.05, kind=kind)
     listed = [id(p) for group in optimizer.param_groups for p in group['params']]
     assert sorted(listed) == sorted(id(p) for p in model.parameters())  # each one, once
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -96,19 +98,19 @@ def test_weight_decay_moves_conv_weights_only(kind):
 def test_cosine_schedule_values():
     """lr0 * (f + (1 - f) * (1 + cos(pi * epoch / epochs)) / 2), f = 0.01, no warm-up:
     cos 0 = 1, cos(pi/3) = 1/2, cos(pi/2) = 0, cos(2 pi/3) = -1/2."""
-    lr = lambda epoch, epochs: train.learning_rate(100, epoch, 0.02, epochs, 0, 'cos')
+    lr = lambda epoch, epochs: engine.learning_rate(100, epoch, 0.02, epochs, 0, 'cos')
     assert lr(0, 3) == pytest.approx(0.02)
     assert lr(1, 3) == pytest.approx(0.02 * (0.01 + 0.99 * 0.75))
     assert lr(2, 4) == pytest.approx(0.02 * (0.01 + 0.99 * 0.5))
     assert lr(2, 3) == pytest.approx(0.02 * (0.01 + 0.99 * 0.25))
-    assert train.learning_rate(0, 1, 0.02, 4, 0, 'cos', final_ratio=0.1) == pytest.approx(
+    assert engine.learning_rate(0, 1, 0.02, 4, 0, 'cos', final_ratio=0.1) == pytest.approx(
         0.02 * (0.1 + 0.9 * (1 + math.sqrt(0.5)) / 2))
 
 
 def test_step_schedule_divides_by_ten_at_80_and_90_percent():
     for epochs, rates in ((10, [1] * 8 + [0.1, 0.01]),
                           (20, [1] * 16 + [0.1, 0.1, 0.01, 0.01])):
-        got = [train.learning_rate(100, e, 0.5, epochs, 0, 'step') for e in range(epochs)]
+        got = [engine.learning_rate(100, e, 0.5, epochs, 0, 'step') for e in range(epochs)]
         assert got == pytest.approx([0.5 * r for r in rates])
 
 
@@ -116,19 +118,27 @@ def test_step_schedule_divides_by_ten_at_80_and_90_percent():
 def test_warm_up_rises_linearly_to_the_schedule(schedule):
     """With 4 warm-up steps, optimizer step k (from 0) runs at (k + 1) / 4 of the rate
     the schedule gives; from step 4 on, at the full rate."""
-    full = train.learning_rate(0, 0, 0.01, 10, 0, schedule)
+    full = engine.learning_rate(0, 0, 0.01, 10, 0, schedule)
     assert full == pytest.approx(0.01)
-    warm = [train.learning_rate(k, 0, 0.01, 10, 4, schedule) for k in range(7)]
+    warm = [engine.learning_rate(k, 0, 0.01, 10, 4, schedule) for k in range(7)]
     assert warm == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01, 0.01])
 
 
 # ---------------------------------------------------------------- --prune sets
 
+def test_prune_flag_takes_mode_names_and_the_seed_numbers():
+    assert [train.prune_mode(t) for t in ('0', '1', '2')] == ['normal', 'shortcut', 'tiny']
+    assert [train.prune_mode(t) for t in ('normal', 'regular', 'shortcut', 'tiny')] == [
+        'normal', 'normal', 'shortcut', 'tiny']
+    with pytest.raises(UserInputError, match='--prune'):
+        train.get_args_parser().parse_args(['--prune', '3'])
+
+
 @pytest.mark.parametrize('prune', sorted(PENALISED))
 def test_prune_flag_penalises_the_modes_bn_layers(prune):
     cfg, convs = PENALISED[prune]
     model = Darknet(cfg)
-    got = prunable_bn_modules(model, SPARSITY_MODES[prune])
+    got = prunable_bn_modules(model, train.prune_mode(str(prune)))
     assert [id(bn) for bn in got] == [id(model.module_list[i].BatchNorm2d) for i in convs]
 
 
@@ -151,14 +161,14 @@ def test_training_penalises_the_prune_flags_set(prune, shapes4, tmp_path, monkey
     cfg, convs = PENALISED[prune]
     seen = []
 
-    def penalty(bn_modules, s):
+    def penalty(bn_modules, s, factors=None):
         seen.append((list(bn_modules), s))
         raise _Penalised()
 
-    monkeypatch.setattr(prune_utils, 'add_sparsity_gradient', penalty)
+    monkeypatch.setattr(sparsity_module, "add_sparsity_gradient", penalty)
     models = []
-    real_make_optimizer = train.make_optimizer
-    monkeypatch.setattr(train, 'make_optimizer',
+    real_make_optimizer = engine.make_optimizer
+    monkeypatch.setattr(engine, 'make_optimizer',
                         lambda model, *a, **k: models.append(model) or real_make_optimizer(
                             model, *a, **k))
     with pytest.raises(_Penalised):

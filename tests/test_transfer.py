@@ -1,19 +1,22 @@
 """Transfer learning: weights of an 80-class model into 1-, 3- and 80-class cfgs
 (.weights and .pt), the source layout inferred or refused, backbone files (--cutoff,
 convert_weights.py --cutoff), the seed project's files and flags, and run folders."""
+import copy
 import math
 import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import (TEST_CFGS, assert_same_detections, opencv_detections, our_detections,
+                      randomize_weights)
 
-from conftest import TEST_CFGS, assert_same_detections, opencv_detections, our_detections, \
-    randomize_weights
-from models import (Darknet, conv_layers, darknet_tensors, load_weights, save_model_weights,
-                    save_weights, transfer_weights, with_classes)
+from darknet.cfg import parse_model_cfg, write_cfg
+from darknet.model import Darknet
+from darknet.transfer import transfer_weights, with_classes
+from darknet.weights import (conv_layers, darknet_tensors, load_weights, save_model_weights,
+                             save_weights)
 from utils.errors import UserInputError
-from utils.parse_config import parse_model_cfg, write_cfg
 
 SMALL = os.path.join(TEST_CFGS, 'small_detector.cfg')  # 4 classes, heads at layers 9 and 16
 
@@ -43,6 +46,24 @@ def _block_tensors(model, i):
     return [t.detach() for t in darknet_tensors(model.module_list[i])]
 
 
+def _rescaled_copy(target, source, i):
+    """Conv block `i` of `target` is block `i` of `source` with its weight scaled down to
+    the norm of a fresh init and its running statistics with it: the same function, in
+    train mode (batch statistics) and in eval mode."""
+    # copies: a train-mode forward updates the running statistics (`source` is shared)
+    ours, theirs = copy.deepcopy(target.module_list[i]), copy.deepcopy(source.module_list[i])
+    weight = ours.Conv2d.weight.detach()
+    assert torch.isclose(weight.norm(), torch.tensor((weight.numel() / (3 * weight[0].numel()))
+                                                     ** 0.5))
+    assert weight.norm() < theirs.Conv2d.weight.norm()
+    x = torch.randn(2, weight.shape[1], 8, 8, generator=torch.Generator().manual_seed(i))
+    for train in (False, True):
+        ours.train(train), theirs.train(train)
+        with torch.no_grad():
+            assert torch.allclose(ours(x), theirs(x), atol=1e-4), (i, train)
+    return True
+
+
 @pytest.mark.parametrize('ext', ['weights', 'pt'])
 @pytest.mark.parametrize('classes', [1, 3, 80])
 def test_transfer_copies_matching_convs_bit_exact_and_reinitialises_heads(coco_like, classes,
@@ -53,6 +74,9 @@ def test_transfer_copies_matching_convs_bit_exact_and_reinitialises_heads(coco_l
     heads = _head_convs(target)
     for i, _ in conv_layers(target):
         if i in heads and classes != 80:
+            continue
+        if classes != 80 and i > heads[0]:  # after the first fresh head: rescaled
+            assert _rescaled_copy(target, source, i)
             continue
         for ours, theirs in zip(_block_tensors(target, i), _block_tensors(source, i)):
             assert torch.equal(ours, theirs), i
@@ -137,9 +161,10 @@ def test_weights_cfg_names_a_layout_that_cannot_be_inferred(coco_like, tmp_path)
     # the heads too
     assert 're-initialised layers 6-7, 11 (other shapes in the file), 8, 15 ([yolo] heads' \
         in summary
-    for i in (0, 2, 4, 14):
+    for i in (0, 2, 4):
         assert all(torch.equal(a, b) for a, b in zip(_block_tensors(target, i),
                                                      _block_tensors(source, i)))
+    assert _rescaled_copy(target, source, 14)  # loaded after the first fresh conv (6)
     with pytest.raises(UserInputError, match='needs .* weights, the file has'):
         transfer_weights(Darknet(coco_like['cfgs'][3]), path, source_cfg=coco_like['cfgs'][1])
 
@@ -154,8 +179,12 @@ def test_cutoff_reads_the_first_layers_of_a_longer_file(coco_like):
                                                      _block_tensors(source, i)))
     assert all(torch.equal(a, b) for a, b in zip(_block_tensors(target, 6), untouched))
     # into another class count, through transfer (heads beyond the cutoff)
-    summary = transfer_weights(Darknet(coco_like['cfgs'][1]), coco_like['weights'], cutoff=5)
+    cut = Darknet(coco_like['cfgs'][1])
+    summary = transfer_weights(cut, coco_like['weights'], cutoff=5)
     assert summary.startswith('loaded 3 of 9 convs') and '(from --cutoff 5 on)' in summary
+    for i in (0, 2, 4):  # nothing loaded after a fresh conv: as in the file
+        assert all(torch.equal(a, b) for a, b in zip(_block_tensors(cut, i),
+                                                     _block_tensors(source, i)))
     with pytest.raises(UserInputError, match='--cutoff 40'):
         load_weights(Darknet(coco_like['cfgs'][1]), coco_like['weights'], cutoff=40)
 

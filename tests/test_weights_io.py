@@ -4,13 +4,13 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import TEST_CFGS, randomize_weights
-from models import (Darknet, conv_layers, convert_weights, darknet_float_count,
-                    darknet_tensors, load_darknet_weights, load_weights, save_model_weights,
-                    save_weights)
+
+from darknet.cfg import parse_model_cfg
+from darknet.model import Darknet
+from darknet.weights import (conv_layers, convert_weights, darknet_float_count, darknet_tensors,
+                             load_darknet_weights, load_weights, save_model_weights, save_weights)
 from utils.errors import UserInputError
-from utils.parse_config import parse_model_cfg
 
 CFG = os.path.join(TEST_CFGS, 'features.cfg')
 OTHER_CFG = os.path.join(TEST_CFGS, 'route_groups2.cfg')

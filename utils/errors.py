@@ -2,11 +2,11 @@
 
 Every problem caused by the user's input (a file, a flag, a cfg line) raises
 `UserInputError` with a one-line message that names the file, line or layer and says
-how to fix it. Scripts wrap `main` in `run_cli`, which prints that line and exits 2:
+how to fix it (a bad flag too: cli.common.ArgumentParser). Scripts wrap `main` in
+`run_cli`, which prints that line and exits 2:
 no traceback for a user error. Anything else is a bug and keeps its traceback.
 Ctrl-C and SIGTERM both end a script as KeyboardInterrupt: one line, exit 130.
 """
-import argparse
 import signal
 import sys
 import threading
@@ -23,14 +23,6 @@ class UserInputError(Exception):
         if isinstance(message, str) and message.startswith('Caught ') and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserInputError: one line, exit 2, like every other
-    refusal (argparse itself prints the whole usage first)."""
-
-    def error(self, message):
-        raise UserInputError(f'{self.prog}: {message} (see --help)')
 
 
 def raise_interrupt(signum, frame):

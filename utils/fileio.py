@@ -145,6 +145,21 @@ def _deferrable(signum, handler):
 
 
 @contextlib.contextmanager
+def _holding(signals):
+    """Ctrl-C and SIGTERM received inside the block appended to the yielded list instead
+    of acted on, for each of `signals` (a subset of the two)."""
+    held, previous = [], {}
+    for s in signals:
+        previous[s] = signal.getsignal(s)
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
 def _signals_deferred():
     """Yield a list that collects the Ctrl-C/SIGTERM received inside the block, instead
     of raising at once: an exception inside torch.save breaks its zip writer into a
@@ -153,20 +168,23 @@ def _signals_deferred():
     if _held is not None or threading.current_thread() is not threading.main_thread():
         yield _held if _held is not None else []
         return
-    held = []
-    previous = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(s)
-        if _deferrable(s, handler):
-            previous[s] = handler
-            signal.signal(s, lambda signum, frame: held.append(signum))
-    _held = held
-    try:
+    signals = [s for s in (signal.SIGINT, signal.SIGTERM) if _deferrable(s, signal.getsignal(s))]
+    with _holding(signals) as held:
+        _held = held
+        try:
+            yield held
+        finally:
+            _held = None
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM, whatever their handlers, while a block writes several
+    files that belong together, and yield the list of those received: the caller acts
+    on them after the last file (training/engine.py's epoch commit). Each file inside
+    is still written and renamed whole by atomic_output."""
+    with _holding((signal.SIGINT, signal.SIGTERM)) as held:
         yield held
-    finally:
-        _held = None
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _errno_of_short_write(tmp):

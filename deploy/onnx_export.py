@@ -1,7 +1,7 @@
 """ONNX export of any Darknet model the project builds, checked by onnxruntime, and its
 onnxruntime CPU latency.
 
-    from utils.onnx_utils import export_onnx, onnx_latency
+    from deploy.onnx_export import export_onnx, onnx_latency
     difference = export_onnx(model, 'runs/export/model.onnx', 416, dynamic_batch=True)
     seconds = onnx_latency('runs/export/model.onnx', 416)
 
@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from darknet.model import Darknet
+from darknet.weights import load_weights
 from utils.errors import UserInputError
 from utils.fileio import atomic_output
 
@@ -283,7 +285,7 @@ def model_latency(model, img_size, runs=10, warmup=1, threads=None):
 # ---------------------------------------------------------------- evaluating a file
 
 class OnnxModel(nn.Module):
-    """An exported file (decoded outputs) that `utils.evaluate.evaluate` runs as it runs
+    """An exported file (decoded outputs) that `evaluation.evaluate.evaluate` runs as it runs
     a Darknet model: called on a (B, C, S, S) tensor it gives the (B, N, 5+C) detections, through
     onnxruntime on the CPU. A file exported for batch 1 is run one image at a time.
     `img_size`, `stride` and `num_classes` come from the file's metadata."""
@@ -410,3 +412,14 @@ def quantize_int8(fp32_path, int8_path, images):
     with atomic_output(int8_path) as f:
         f.write(quantized.SerializeToString())
     return int8_path
+
+
+def load_model_or_onnx(cfg, weights, device):
+    """The Darknet model of cfg + weights on `device`; or, for weights named .onnx, the
+    exported file run by onnxruntime on the CPU (it needs no cfg)."""
+    if weights and str(weights).endswith('.onnx'):
+        return OnnxModel(weights)
+    model = Darknet(cfg)
+    if weights:
+        load_weights(model, weights)
+    return model.to(device)

@@ -15,11 +15,10 @@ import difflib
 import os
 import sys
 
+from darknet.layers import (ACTIVATIONS, FLOAT, FLOATS, INT, INTS, LAYER_TYPES, SECTION_ALIASES,
+                            STR, layer_type)
 from utils.errors import UserInputError
 from utils.fileio import atomic_write_text
-
-from utils.layers import (ACTIVATIONS, FLOAT, FLOATS, INT, INTS, LAYER_TYPES, SECTION_ALIASES,
-                          STR, layer_type)
 
 # Keys of the [net] block: all only matter to Darknet's own trainer and data loader,
 # except width, height and channels, which set the default input.
@@ -41,7 +40,7 @@ NET_KEYS = {
     'attention': INT, 'show_receptive_field': INT, 'label_smooth': FLOAT,
 }
 
-# Per layer type: the keys accepted, with their types (utils/layers.py). A type's
+# Per layer type: the keys accepted, with their types (darknet/layers.py). A type's
 # `unsupported` keys are known to Darknet but change the layer's output in ways this
 # project does not build; they are accepted only at the value that means "off".
 LAYER_KEYS = {name: t.keys for name, t in LAYER_TYPES.items()}

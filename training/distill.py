@@ -20,7 +20,8 @@ the student matches the teacher.
 import torch
 import torch.nn.functional as F
 
-from models import Darknet, load_weights
+from darknet.model import Darknet
+from darknet.weights import load_weights
 from utils.errors import UserInputError
 
 

@@ -13,7 +13,7 @@ shape, so their weights are copied as they are.
 3. `remove_blocks`: the layers without those blocks, every route/shortcut reference
    re-indexed, and a new model with the remaining weights copied.
 4. `layer_prune`: 1-3 for the N weakest blocks, then, given a percent, shortcut-mode
-   channel pruning of the result (utils.prune_utils), each step checked on itself.
+   channel pruning of the result (pruning/plan.py, pruning/surgery.py), each step checked on itself.
 prune_layer.py is its command: flags, the printed tables, the written files.
 """
 import copy
@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from models import Darknet, conv_layers
+from darknet.layers import layer_type, resolve_refs
+from darknet.model import Darknet
+from darknet.weights import conv_layers
+from pruning.plan import plan_masks
+from pruning.surgery import output_difference, prune
 from utils.errors import UserInputError
-from utils.layers import layer_type, resolve_refs
-from utils.prune_utils import output_difference, plan_masks, prune
-
 
 # ---------------------------------------------------------------- blocks
 
@@ -37,10 +38,6 @@ class Block:
     source: int         # the block input: the layer the branch is added onto
     score: float        # see block_score; None when the branch has no BN conv
     obstacle: str       # why removing the block would change the graph; None if it can go
-
-    @property
-    def branch(self):
-        return list(range(self.source + 1, self.shortcut))
 
     @property
     def layers(self):

@@ -108,7 +108,7 @@ def non_max_suppression(pred, conf_thres=0.001, iou_thres=0.5, max_det=300, mult
 def scale_boxes_to_original(boxes, info):
     """Map x1y1x2y2 boxes from a letterboxed image back to the original's pixels.
 
-    info: a utils.datasets.LetterboxInfo, or the tuple ((h0, w0), (rw, rh), (left, top)).
+    info: a data.datasets.LetterboxInfo, or the tuple ((h0, w0), (rw, rh), (left, top)).
     Returns a new tensor (or array), clipped to the original image.
     """
     (h0, w0), (rw, rh), (left, top) = info

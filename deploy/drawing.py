@@ -2,8 +2,8 @@
 draw what it found, write Darknet label lines. detect.py is the command line over it.
 
 Flow: `find_sources` turns an image, a folder, a glob, a .txt list or a video file into
-a list of paths; `Detector` letterboxes a frame (utils.datasets.letterbox), runs the
-model, keeps boxes through utils.metrics.non_max_suppression and maps them back to the
+a list of paths; `Detector` letterboxes a frame (data.datasets.letterbox), runs the
+model, keeps boxes through evaluation.metrics.non_max_suppression and maps them back to the
 frame's pixels (scale_boxes_to_original); `draw` and `label_lines` present the result.
 """
 import glob
@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 import torch
 
-from utils.datasets import IMG_EXTENSIONS, _imread, _resolve, letterbox
+from data.datasets import IMG_EXTENSIONS, _imread, _resolve, letterbox
+from evaluation.metrics import non_max_suppression, scale_boxes_to_original
 from utils.errors import UserInputError
-from utils.metrics import non_max_suppression, scale_boxes_to_original
 from utils.torch_utils import time_sync
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.m4v', '.mpg', '.mpeg', '.wmv', '.webm')

@@ -10,7 +10,7 @@ raw head outputs (the same as `YOLOLayer`'s), target assignment, the loss.
 Inputs. `heads` is what a Darknet model returns in train mode: one raw tensor per
 [yolo] layer in cfg order, (B, A, H, W, 5 + C) = tx, ty, tw, th, objectness, classes.
 `targets` is (n, 6) = image index in the batch, class, cx, cy, w, h, the box normalised
-to the input image (0..1), as `utils.datasets.collate_fn` builds it.
+to the input image (0..1), as `data.datasets.collate_fn` builds it.
 
 Assignment rule. Every target goes to the cell holding its centre, on every head, with
 every anchor whose width and height ratios to the target's, taken whichever way round is
@@ -49,8 +49,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from darknet.layers import decode_boxes as decode_model_boxes
 from utils.errors import UserInputError
-from utils.layers import decode_boxes as decode_model_boxes
 
 # Gains as YOLOv5 ships them for these same means; YOLOv5 also multiplies obj by
 # (image size / 640)^2 and cls by classes / 80, which is left to the caller. Keys outside
@@ -131,7 +131,7 @@ def bbox_iou(box1, box2, kind='iou', eps=1e-7):
 
 def decode_boxes(raw, stride, scale_x_y, anchors, rows, cols):
     """Raw (m, 4) tx, ty, tw, th at cells (rows, cols) -> (m, 4) cx, cy, w, h in pixels,
-    as the model decodes them (utils.layers.decode_boxes), tw and th capped.
+    as the model decodes them (darknet.layers.decode_boxes), tw and th capped.
 
     `anchors` (m, 2) is each row's anchor in pixels, `stride` the head's (x, y) pixels
     per cell.

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from darknet.cfg import parse_data_cfg, require_data_key
 from utils.errors import UserInputError
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.dng', '.pgm',
@@ -478,6 +479,22 @@ def check_img_size(img_size, stride):
                              f'{stride}; use {low} or {low + stride}')
 
 
+def default_img_size(model, img_size=None):
+    """--img-size, else the cfg's [net] width, else 416; refused (naming the two nearest
+    sizes it takes) unless a multiple of the model's stride."""
+    img_size = img_size or model.hyperparams.get('width') or 416
+    check_img_size(img_size, model.stride)
+    return img_size
+
+
+def check_classes(model, options, data, name, fix='pass the matching .data'):
+    """Refuse a .data file (parsed: `options`, path: `data`) whose classes= is not the
+    class count of `model` (read from `name`); `fix` says what to do."""
+    if model.num_classes != options['classes']:
+        raise UserInputError(f'{data}: classes={options["classes"]} but {name} detects '
+                             f'{model.num_classes}; {fix}')
+
+
 def create_dataloader(list_path, img_size, batch_size, num_classes, augment=False, rect=False,
                       workers=0, shuffle=False, stride=32, hyp=None, shards=None):
     """A DataLoader over `list_path` and its data set: returns (loader, dataset).
@@ -507,3 +524,55 @@ def create_dataloader(list_path, img_size, batch_size, num_classes, augment=Fals
                         worker_init_fn=_worker_init if workers else None,
                         persistent_workers=workers > 0)
     return loader, dataset
+
+
+class DataFile:
+    """A .data file parsed once, and the loaders a run builds from it, each built once:
+    the validation loader (rect batches, for mAP) and fixed training batches (for
+    BatchNorm recalibration and the criteria that score on data)."""
+
+    def __init__(self, path):
+        self.path, self.options = path, parse_data_cfg(path)
+        self._valid = {}
+        self._batches = {}
+
+    @property
+    def classes(self):
+        return self.options['classes']
+
+    @property
+    def has_train(self):
+        return 'train' in self.options
+
+    def valid_loader(self, img_size, batch_size, stride, workers=0):
+        key = (img_size, batch_size, stride, workers)
+        if key not in self._valid:
+            self._valid[key], _ = create_dataloader(
+                require_data_key(self.options, 'valid', self.path), img_size, batch_size,
+                self.classes, rect=True, workers=workers, stride=stride)
+        return self._valid[key]
+
+    def train_loader(self, img_size, batch_size, stride, augment=True, workers=0, shards=None):
+        """(loader, dataset) over the train= list, for training."""
+        return create_dataloader(require_data_key(self.options, 'train', self.path), img_size,
+                                 batch_size, self.classes, augment=augment, workers=workers,
+                                 stride=stride, shards=shards)
+
+    def training_batches(self, images, img_size, batch_size, stride, workers=0, seed=0):
+        """`images` training images as a list of (images, targets) batches, letterboxed
+        without augmentation, in a fixed shuffled order (a train list is often sorted by
+        class or scene)."""
+        key = (images, img_size, batch_size, stride, seed)
+        if key not in self._batches:
+            loader, _ = create_dataloader(require_data_key(self.options, 'train', self.path),
+                                          img_size, batch_size, self.classes, workers=workers,
+                                          stride=stride, shards=(0, 1, seed))
+            batches, count = [], 0
+            for imgs, targets, _, _ in loader:
+                take = min(len(imgs), images - count)
+                batches.append((imgs[:take], targets[targets[:, 0] < take]))
+                count += take
+                if count >= images:
+                    break
+            self._batches[key] = batches
+        return self._batches[key]

@@ -1,7 +1,7 @@
 """Evaluation: a model's detections on a data set scored against its labels.
 
 `evaluate(model, dataloader, num_classes)` runs a Darknet model (as its fused copy) or
-an exported ONNX file (`utils.onnx_utils.OnnxModel`) over the loader, NMS, matching at
+an exported ONNX file (`deploy.onnx_export.OnnxModel`) over the loader, NMS, matching at
 IoU 0.5, and returns an `Evaluation`: precision, recall, mAP@0.5 and @0.5:0.95, F1,
 per-class rows and where the time went. test.py is its command; train.py calls it after
 each epoch, the prune scripts on the model before and after pruning.
@@ -16,10 +16,9 @@ import torch
 from terminaltables import AsciiTable
 from tqdm import tqdm
 
-from models import Darknet, load_weights
-from utils.metrics import (ap_per_class, match_detections, non_max_suppression,
-                           scale_boxes_to_original, xywh2xyxy)
-from utils.onnx_utils import OnnxModel
+from darknet.model import Darknet
+from evaluation.metrics import (ap_per_class, match_detections, non_max_suppression,
+                                scale_boxes_to_original, xywh2xyxy)
 from utils.torch_utils import time_sync
 
 
@@ -120,14 +119,3 @@ def _summarise(matched, target_classes, images_with_class, num_classes):
                  for c, p, r, ap, f1 in zip(stats.classes, stats.precision, stats.recall,
                                             stats.ap50, stats.f1)]
     return Evaluation(metrics, per_class, targets=len(targets))
-
-
-def load_model(cfg, weights, device):
-    """The Darknet model of cfg + weights on `device`; or, for weights named .onnx, the
-    exported file run by onnxruntime on the CPU (it needs no cfg)."""
-    if weights and str(weights).endswith('.onnx'):
-        return OnnxModel(weights)
-    model = Darknet(cfg)
-    if weights:
-        load_weights(model, weights)
-    return model.to(device)

@@ -3,16 +3,16 @@
 One class per supported layer type (`...Type`, next to the nn.Module it builds),
 registered in LAYER_TYPES. Every other module asks it instead of branching on a
 layer's type:
-- the cfg parser (utils/parse_config.py): the `keys` a type accepts and their kinds,
+- the cfg parser (darknet/cfg.py): the `keys` a type accepts and their kinds,
   the values it cannot build (`unsupported`), and `check(layers, i, where)` on the
   typed cfg before any shape is known;
 - the model builder (models.Darknet): `build(...)` gives the nn.Module and its output
   Shape from its input shapes; `sources(i, layer)` the earlier layers it reads;
-- pruning (utils/prune_utils.py): `channels(...)` says how each output channel derives
+- pruning (pruning/graph.py, pruning/surgery.py): `channels(...)` says how each output channel derives
   from input channels, for any per-channel values (`ChannelValues`: the conv channels
   an output channel is made of, or the constant a pruned channel outputs), and
   `note(...)` records what the prune modes must know (BN convs, shortcut ties, ...);
-- layer removal (utils/layer_prune.py): `refs`, the key that holds layer indices.
+- layer removal (pruning/layer_prune.py): `refs`, the key that holds layer indices.
 Adding a layer type is one class here plus its tests.
 """
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from utils.errors import UserInputError
 
-# the kinds of cfg values (utils/parse_config.py parses and writes them)
+# the kinds of cfg values (darknet/cfg.py parses and writes them)
 INT, FLOAT, INTS, FLOATS, STR = 'int', 'float', 'int list', 'float list', 'string'
 
 LEAKY_SLOPE = 0.1
@@ -121,7 +121,7 @@ class LayerType:
         return previous
 
     def note(self, info, i, layer, previous, out, traced):
-        """Record in `info` (prune_utils.GraphInfo) what pruning must know; `traced` holds
+        """Record in `info` (pruning.graph.GraphInfo) what pruning must know; `traced` holds
         every layer's origins so far."""
 
 

@@ -2,13 +2,13 @@
 
 1. Penalties (`Penalty`, --penalty), each written as a function of the gammas of the
    mode's prunable units (a unit: one conv, or a shortcut group whose convs share one
-   mask, see utils/prune_utils.py), with per-channel factors f >= 0 held fixed for an
+   mask, see pruning/graph.py), with per-channel factors f >= 0 held fixed for an
    epoch:
    - l1:     s * sum_c f_c |gamma_c|  (the original toolkit's; f = 1 unless `decay`);
    - group:  s * sum_units sum_c f_c sqrt(sum_{convs i of the unit} gamma_ic^2), group
      lasso: a channel of a shortcut group shrinks as one vector, so its branches reach 0
      together (for a one-conv unit it is |gamma|, so l1);
-   - scaled: l1 with f_c = the channel's consumer reach (utils/importance.py's
+   - scaled: l1 with f_c = the channel's consumer reach (pruning/criteria.py's
      `consumer` criterion: the root sum of squares of the normalised weights that read
      it) over the mean reach of all penalised channels. The criterion ranks a channel by
      |gamma| * reach, so the penalty pushes hardest where the ranking says a channel
@@ -31,8 +31,6 @@
    left as they were.
 """
 import contextlib
-import copy
-import io
 import math
 import random
 import time
@@ -40,10 +38,13 @@ import time
 import numpy as np
 import torch
 
-from utils import prune_cli, prune_utils
+from pruning.calibration import recalibrate_bn
+from pruning.criteria import consumer_reach, get_criterion, stack_unit
+from pruning.graph import prunable_convs, prunable_units
+from pruning.plan import choose_plan, safe_count
+from pruning.settings import PruneSettings
+from pruning.surgery import prune
 from utils.errors import UserInputError
-from utils.importance import consumer_reach, stack_unit
-from utils.prune_utils import prunable_units, prune, recalibrate_bn
 
 PENALTIES = ('l1', 'group', 'scaled')
 S_SCHEDULES = ('constant', 'decay', 'warmup')
@@ -52,6 +53,41 @@ DECAY_START = 0.5    # decay: from this share of the epochs on ...
 DECAY_FACTOR = 0.01  # ... the channels the target keeps get this share of s
 TARGET_FLAGS = {'params': '--target-params', 'gmacs': '--target-gmacs',
                 'percent': '--percent'}
+
+
+SPARSITY_MODES = {0: 'normal', 1: 'shortcut', 2: 'tiny'}  # train.py --prune
+
+
+def prunable_bn_modules(model, mode):
+    """The BatchNorm2d modules of `model` whose gammas `mode` prunes, in layer order."""
+    channels = model.hyperparams.get('channels', 3)
+    return [model.module_list[i].BatchNorm2d
+            for i in prunable_convs(model.module_defs, mode, channels, name=model._name())]
+
+
+def add_sparsity_gradient(bn_modules, s, factors=None):
+    """The L1 penalty s * sum f * |gamma| on BN gammas: add s * f * sign(gamma) to their
+    gradients (after backward); `factors` one (C,) tensor per module, or None (f = 1).
+    Modules without a gradient (frozen) are left alone."""
+    for n, bn in enumerate(bn_modules):
+        if bn.weight.grad is not None:
+            step = torch.sign(bn.weight.detach())
+            if factors is not None:
+                step = step * factors[n].to(step)
+            bn.weight.grad.add_(step, alpha=s)
+
+
+def sparsity_report(model, mode, small=0.01):
+    """Share of the mode's prunable gammas under `small`, and the largest share of them
+    that could be pruned without emptying a layer (or a shortcut group)."""
+    info, units, _ = prunable_units(model, mode)
+    if not units:
+        return {'channels': 0, 'share_small': 0.0, 'max_safe_percent': 0.0}
+    gamma = get_criterion('gamma')
+    keys = gamma.scores(model, info, units)
+    ordered = gamma.population(model, units, keys).sort().values
+    return {'channels': len(ordered), 'share_small': float((ordered < small).float().mean()),
+            'max_safe_percent': safe_count(ordered, keys) / len(ordered)}
 
 
 # ---------------------------------------------------------------- penalties
@@ -128,22 +164,20 @@ class Penalty:
         --proximal. Gammas without a gradient (frozen) are left alone."""
         if self.proximal:
             return
-        if self.name == 'l1' and self.factors is None:
-            # the original rule, kept as its one implementation
-            prune_utils.add_sparsity_gradient(list(self.bns.values()), self.rate)
+        if self.name != 'group':  # l1 and scaled: s * f * sign(gamma)
+            factors = None if self.factors is None else [self.factors[i] for i in self.bns]
+            add_sparsity_gradient(list(self.bns.values()), self.rate, factors)
             return
         with torch.no_grad():
             for unit in self.units:
-                if self.name == 'group':
-                    norm = self._group_norm(unit)
+                norm = self._group_norm(unit)
                 for i in unit:
                     weight = self.bns[i].weight
                     if weight.grad is None:
                         continue
                     f = self._factor(i, weight)
                     # d/dg of f * sqrt(sum g^2) is f * g / norm (0 where the norm is 0)
-                    step = (weight / norm[:len(weight)].clamp_min(1e-30)
-                            if self.name == 'group' else weight.sign())
+                    step = weight / norm[:len(weight)].clamp_min(1e-30)
                     weight.grad.add_(step if f is None else f * step, alpha=self.rate)
 
     def _group_norm(self, unit):
@@ -209,9 +243,10 @@ class Monitor:
         self.percent = None  # the percent of the last plan: where the next search starts
         self.best = -1.0  # the best pruned mAP so far (best_pruned.pt)
         self.seconds = 0.0
-        self.args = prune_cli.get_args_parser(mode).parse_args(
-            [TARGET_FLAGS[kind], str(value)])
-        prune_cli.resolve_selection(self.args, mode)
+        # the prune scripts' defaults at this target (no data criterion: no batches)
+        settings = (PruneSettings(percent=value) if kind == 'percent'
+                    else PruneSettings(target=(kind, value)))
+        self.settings = settings.resolve(mode)
 
     @property
     def label(self):
@@ -220,14 +255,9 @@ class Monitor:
 
     def plan(self, model):
         """The prune script's plan for `model` at the target (its default flags, without a
-        data criterion), its percent line silenced. A share target's search starts at the
-        previous epoch's percent, a few steps from the answer."""
-        args = copy.copy(self.args)
-        if self.kind != 'percent':
-            args.percent = None
-        with contextlib.redirect_stdout(io.StringIO()):
-            plan = prune_cli.choose_plan(model, self.mode, args, self.img_size,
-                                         start=self.percent)
+        data criterion). A share target's search starts at the previous epoch's percent, a
+        few steps from the answer."""
+        plan = choose_plan(model, self.mode, self.settings, self.img_size, start=self.percent)
         self.percent = plan.percent
         return plan
 
