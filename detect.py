@@ -10,7 +10,9 @@
 --source takes an image, a folder, a glob, a .txt list of paths or a video file.
 Annotated copies (same names) go to --output-dir, labels ('class cx cy w h') with
 --save-txt to its labels/ folder. --compare runs a second model (the pruned one) on
-each image and writes the two results side by side, each titled with its latency.
+each image and writes the two results side by side, each titled with its latency; its
+labels go to labels-compare/. Both models run at one input size: --img-size, else the
+size the first model's .pt was trained at, else its cfg's width.
 With no arguments it runs the sparse demo YOLOv3 and a copy pruned in memory (shortcut
 mode, 50%) side by side on a few demo validation images.
 """
@@ -20,19 +22,21 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from cli.common import ArgumentParser, add_data_args, add_model_args, use_demo
+from cli.common import ArgumentParser, add_data_args, add_model_args, choose_img_size, use_demo
 from darknet.cfg import load_class_names, parse_data_cfg
 from darknet.model import Darknet
 from darknet.weights import load_weights
-from data.datasets import default_img_size
+from data.datasets import check_img_size
 from deploy.drawing import (Detector, draw, find_sources, is_video_file, label_lines, read_image,
                             side_by_side)
+from deploy.inference import check_half, prepare
 from utils.errors import UserInputError, run_cli
 from utils.fileio import (atomic_output, atomic_write_text, overwritten_input, require_output_dir,
                           resolved_inputs)
 from utils.torch_utils import select_device
 
 DEMO_IMAGES = 4
+LABEL_DIRS = ('labels', 'labels-compare')  # --save-txt: the first model's, the --compare one's
 
 
 def load_model(cfg, weights, device):
@@ -42,9 +46,9 @@ def load_model(cfg, weights, device):
 
 
 def demo_models(cfg, weights, device):
-    """The sparse demo YOLOv3 and a copy pruned in memory as prune_shortcut.py prunes by
-    default (without the BatchNorm recalibration)."""
-    from pruning.plan import choose_plan
+    """The sparse demo YOLOv3 and a copy pruned in memory at prune_shortcut.py's
+    data-free default (no training images to score or recalibrate on)."""
+    from pruning.selection import choose_plan
     from pruning.settings import PruneSettings
     from pruning.surgery import prune
     model = load_model(cfg, weights, device)
@@ -92,14 +96,15 @@ def output_paths(sources, output_dir):
 
 
 def annotate(detectors, frame, names):
-    """(drawn frame, detections of the first model): one model's drawing, or each
-    model's side by side, titled with its latency."""
+    """(drawn frame, detections of each model): one model's drawing, or each model's
+    side by side, titled with its latency."""
     results = [detector(frame) for detector in detectors]
+    found = [result[0] for result in results]
     if len(detectors) == 1:
-        return draw(frame, results[0][0], names), results[0][0]
-    panels = [draw(frame, found, names, f'{d.name}: {ms:.1f} ms')
-              for d, (found, ms) in zip(detectors, results)]
-    return side_by_side(*panels), results[0][0]
+        return draw(frame, found[0], names), found
+    panels = [draw(frame, boxes, names, f'{d.name}: {ms:.1f} ms')
+              for d, (boxes, ms) in zip(detectors, results)]
+    return side_by_side(*panels), found
 
 
 def write_image(path, image):
@@ -163,7 +168,11 @@ def get_args_parser():
     parser.add_argument('--output-dir', '--output', dest='output_dir', default='runs/detect',
                         help='folder for the annotated images and videos')
     parser.add_argument('--save-txt', action='store_true',
-                        help="also write Darknet labels ('class cx cy w h') to OUTPUT-DIR/labels")
+                        help="also write Darknet labels ('class cx cy w h') to OUTPUT-DIR/labels "
+                        '(and the --compare model\'s to OUTPUT-DIR/labels-compare)')
+    parser.add_argument('--half', action='store_true',
+                        help='fp16 inference (--device cuda only); on CUDA the models are fused '
+                        'and replayed from CUDA graphs (deploy/inference.py)')
     return parser
 
 
@@ -192,26 +201,33 @@ def setup(args, device):
         raise UserInputError(f'--compare {args.compare[0]}: detects {second.num_classes} '
                              f'classes, the first model {first.num_classes}; compare models '
                              'of one data set')
+    img_size = choose_img_size(first, args.img_size, args.weights, args.cfg)
+    if second is not None:
+        check_img_size(img_size, second.stride)
     detectors = []
     for model, title in zip((first, second), titles):
         if model is None:
             continue
-        img_size = default_img_size(model, args.img_size)
-        # BatchNorm folded into the convs: the inference-ready model (Darknet.fuse)
-        detectors.append(Detector(model.fuse(), img_size, args.conf_thres, args.iou_thres,
-                                  title))
+        # BatchNorm folded into the convs (Darknet.fuse); on a GPU also fp16 with --half and
+        # CUDA-graph replay (deploy/inference.py)
+        net = (prepare(model, device, half=args.half, graph=True) if device.type == 'cuda'
+               else model.fuse())
+        detectors.append(Detector(net, img_size, args.conf_thres, args.iou_thres, title))
     return detectors, names, sources
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = select_device(args.device)
+    check_half(args.half, device)
     require_output_dir(args.output_dir)
     detectors, names, sources = setup(args, device)
     outputs = output_paths(sources, args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
-    if args.save_txt:
-        os.makedirs(os.path.join(args.output_dir, 'labels'), exist_ok=True)
+    label_dirs = [os.path.join(args.output_dir, name)
+                  for name in LABEL_DIRS[:len(detectors)]] if args.save_txt else []
+    for folder in label_dirs:
+        os.makedirs(folder, exist_ok=True)
     bar = tqdm(list(zip(sources, outputs)), desc='detecting', unit='file')
     counts = {'images': 0, 'frames': 0, 'boxes': 0}
     for path, out in bar:
@@ -221,13 +237,12 @@ def main(argv=None):
         frame = read_image(path)
         drawn, found = annotate(detectors, frame, names)
         write_image(out, drawn)
-        if args.save_txt:
-            stem = os.path.splitext(os.path.basename(out))[0]
-            atomic_write_text(os.path.join(args.output_dir, 'labels', stem + '.txt'),
-                              label_lines(found, frame.shape))
+        stem = os.path.splitext(os.path.basename(out))[0]
+        for folder, boxes in zip(label_dirs, found):
+            atomic_write_text(os.path.join(folder, stem + '.txt'), label_lines(boxes, frame.shape))
         counts['images'] += 1
-        counts['boxes'] += len(found)
-        bar.set_postfix(boxes=len(found), ms=f'{detectors[0].times[-1]:.1f}')
+        counts['boxes'] += len(found[0])
+        bar.set_postfix(boxes=len(found[0]), ms=f'{detectors[0].times[-1]:.1f}')
     timing = ', '.join(f'{d.name or "model"} {np.median(d.times):.1f} ms' for d in detectors)
     print(f'{counts["images"]} image(s), {counts["frames"]} video frame(s), '
           f'{counts["boxes"]} box(es) in the images; median per image: {timing}; '

@@ -3,8 +3,10 @@
     python export.py --cfg runs/prune/yolov3-shapes-sparse-shortcut-0.5.cfg \
         --weights runs/prune/yolov3-shapes-sparse-shortcut-0.5.weights --dynamic-batch
 
-Writes <weights name>.onnx into --output-dir (or --output), never over an input. The
-graph takes 'images' (B, C, S, S) float32 in [0, 1], S = --img-size, B = 1 unless
+Writes <cfg name>.onnx into --output-dir (or --output), never over an input, nor over an
+earlier export unless --exist-ok. The
+graph takes 'images' (B, C, S, S) float32 in [0, 1], S = --img-size (else the size the
+.pt was trained at, else the cfg's width), B = 1 unless
 --dynamic-batch, and gives by default 'detections' (B, N, 5+C), our eval-mode output:
 x, y, w, h in input pixels, objectness and class scores, heads in cfg order, each in
 (anchor, row, col) order. With --raw-heads it gives 'head0', 'head1', ... in cfg order,
@@ -18,6 +20,9 @@ The check prints the largest difference as a share of the output scale, max|onnx
 torch| / max|torch| per output part (decoded boxes and scores, or each raw head); above
 1e-4 the export fails and leaves no file. With no arguments it exports the demo YOLOv3.
 The graph holds the inference-ready model: each BatchNorm folded into its conv.
+--half writes the weights and activations in fp16 (inputs and outputs stay float32),
+for GPU runtimes (TensorRT, onnxruntime's CUDA provider); it is checked against the fp32
+model within 1e-2 of the output scale.
 
 --int8 also writes <name>-int8.onnx: static quantisation with onnxruntime.quantization,
 QDQ format, int8 per-channel conv weights, uint8 activations whose ranges are the
@@ -33,12 +38,13 @@ import time
 import numpy as np
 import torch
 
-from cli.common import (ArgumentParser, add_data_args, add_model_args, add_output_dir_arg,
-                        require_weights, use_demo)
+from cli.common import (ArgumentParser, add_data_args, add_exist_ok_arg, add_model_args,
+                        add_output_dir_arg, choose_img_size, refuse_existing, require_weights,
+                        use_demo)
 from darknet.cfg import parse_data_cfg, require_data_key
 from darknet.model import Darknet
 from darknet.weights import load_weights
-from data.datasets import LoadImagesAndLabels, check_classes, create_dataloader, default_img_size
+from data.datasets import LoadImagesAndLabels, check_classes, create_dataloader
 from deploy import onnx_export
 from utils.errors import UserInputError, run_cli
 from utils.fileio import refuse_overwrite, require_output_dir, require_output_file
@@ -49,8 +55,8 @@ def get_args_parser():
                             epilog=__doc__.split('\n\n', 2)[2],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, 'model definition (.cfg), pruned or not',
-                   img_size_help="input side in pixels, fixed in the graph (default: the cfg's "
-                   'width)', device=False)
+                   img_size_help='input side in pixels, fixed in the graph (default: the size '
+                   "a .pt was trained at, else the cfg's width)", device=False)
     parser.add_argument('--dynamic-batch', action='store_true',
                         help='leave the batch dimension free (default: batch 1)')
     parser.add_argument('--opset', type=int, default=onnx_export.DEFAULT_OPSET,
@@ -60,8 +66,13 @@ def get_args_parser():
                         help="output each head's raw (B, A, H, W, 5+C) logits instead of the "
                              'decoded (B, N, 5+C) detections; layout below')
     parser.add_argument('--output', help='the ONNX file to write (.onnx); default: '
-                                         '<weights name>.onnx in --output-dir')
+                                         '<cfg name>.onnx in --output-dir')
     add_output_dir_arg(parser, 'runs/export', 'folder for the ONNX file')
+    add_exist_ok_arg(parser, 'the ONNX file(s)')
+    parser.add_argument('--half', action='store_true',
+                        help='fp16 weights and activations (fp32 inputs and outputs), for GPU '
+                             'runtimes; checked against the fp32 model within 1e-2 of the '
+                             'output scale')
     parser.add_argument('--int8', action='store_true',
                         help='also write <name>-int8.onnx, statically quantised (QDQ, int8 '
                              'per-channel weights), calibrated on --data train= images')
@@ -73,15 +84,19 @@ def get_args_parser():
 
 
 def output_path(args):
-    """The .onnx path to write; refuses one that is an input or not named .onnx."""
+    """The .onnx path to write (default: named after the cfg, which a prune run names
+    after its model, mode and percent); refuses one that is an input, not named .onnx,
+    or (without --exist-ok) an earlier export."""
     if args.output:
         path = args.output
     else:
-        stem = os.path.splitext(os.path.basename(args.weights))[0]
+        stem = os.path.splitext(os.path.basename(args.cfg))[0]
         path = os.path.join(args.output_dir, stem + ('-raw' if args.raw_heads else '') + '.onnx')
     refuse_overwrite(path, (args.cfg, args.weights), 'choose another --output or --output-dir')
     if not path.endswith('.onnx'):
         raise UserInputError(f'--output {path}: name the ONNX file with a .onnx extension')
+    written = [path] + ([path[:-len('.onnx')] + '-int8.onnx'] if args.int8 else [])
+    refuse_existing(written, args.exist_ok, 'choose another --output or --output-dir')
     return path
 
 
@@ -93,6 +108,8 @@ def int8_inputs(args, model, img_size):
                              '(a few dozen images of the deployment domain)')
     if args.raw_heads:
         raise UserInputError('--int8 quantises the decoded-detections export; drop --raw-heads')
+    if args.half:
+        raise UserInputError('--int8 quantises the fp32 export; drop --half')
     if args.calibrate_images < 1:
         raise UserInputError(f'--calibrate-images {args.calibrate_images}: use 1 or more')
     options = parse_data_cfg(args.data)
@@ -142,21 +159,22 @@ def main(argv=None):
     path = output_path(args)
     require_output_file(path) if args.output else require_output_dir(args.output_dir)
     model = load_weights(Darknet(args.cfg), args.weights).eval()
-    img_size = default_img_size(model, args.img_size)
+    img_size = choose_img_size(model, args.img_size, args.weights, args.cfg)
     calibration = int8_inputs(args, model, img_size) if args.int8 else None
     start = time.perf_counter()
     try:
         difference = onnx_export.export_onnx(model, path, img_size, args.dynamic_batch,
-                                            args.opset, args.raw_heads)
+                                            args.opset, args.raw_heads, half=args.half)
     except onnx_export.OnnxCheckError as e:
         raise SystemExit(f'error: {e}') from None
     batches = 'batch 1 and 2' if args.dynamic_batch else 'batch 1'
+    limit = onnx_export.HALF_MAX_DIFFERENCE if args.half else onnx_export.MAX_DIFFERENCE
     outputs = 'raw heads' if args.raw_heads else 'decoded detections'
     print(f'exported {args.cfg} + {args.weights} at {img_size}x{img_size}, opset {args.opset}, '
           f'{outputs}, {"dynamic" if args.dynamic_batch else "fixed"} batch, in '
           f'{time.perf_counter() - start:.1f} s')
     print(f'onnxruntime vs PyTorch ({batches}): largest difference {difference:.2e} of the '
-          f'output scale (limit {onnx_export.MAX_DIFFERENCE:g})')
+          f'output scale (limit {limit:g}{", fp16 against fp32" if args.half else ""})')
     print(f'wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)')
     result = {'path': path, 'difference': difference, 'img_size': img_size}
     if calibration is not None:

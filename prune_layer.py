@@ -90,7 +90,7 @@ def main(argv=None):
             print('channels, by layer index in the layer-pruned cfg:')
             print(layer_table(result.depth_model, result.plan))
     report = close_run(model, result.compact, img_size, start, (cfg_path, weights_path),
-                       map_scorer(data, args, img_size, model.stride))
+                       map_scorer(data, args, img_size, model.stride), latency=args.latency)
     return {'result': result, 'ranking': result.ranking, 'removed': result.removed,
             'plan': result.plan, **report, 'depth_difference': result.depth_difference,
             'difference': result.difference}

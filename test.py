@@ -1,4 +1,4 @@
-"""Evaluate a detector: precision, recall, mAP@0.5 (and 0.5:0.95), F1 per class.
+"""Evaluate a detector: precision, recall, mAP@0.5, mAP@0.5:0.95 and F1, per class.
 
     python test.py --cfg cfg/yolov3-shapes.cfg --weights weights/yolov3-shapes.pt \
         --data data/shapes.data --img-size 128
@@ -8,13 +8,19 @@
 An exported .onnx file (export.py) is evaluated with onnxruntime, no cfg needed, through
 the same letterbox, NMS and metrics. With no arguments it evaluates the demo model on
 the demo data. The evaluation itself is `evaluation.evaluate.evaluate`, which train.py
-and the prune scripts call too.
+and the prune scripts call too. mAP@0.5:0.95 is the mean AP over IoU 0.50, 0.55, ...,
+0.95 (COCO's thresholds and greedy matching, in original image pixels); each AP is the
+area under the precision envelope, within about 0.01 of pycocotools' 101-point figure on
+the --save-json rows (tests/test_train.py compares the two).
 """
 import json
+import os
 
-from cli.common import ArgumentParser, add_data_args, add_model_args, require_weights, use_demo
+from cli.common import (ArgumentParser, add_data_args, add_model_args, choose_img_size,
+                        require_weights, use_demo)
 from darknet.cfg import load_class_names, parse_data_cfg, require_data_key
-from data.datasets import check_classes, create_dataloader, default_img_size
+from data.datasets import check_classes, create_dataloader
+from deploy.inference import check_half, prepare
 from deploy.onnx_export import load_model_or_onnx
 from evaluation.evaluate import evaluate
 from utils.errors import UserInputError, run_cli
@@ -37,6 +43,9 @@ def get_args_parser():
                         help='write COCO-format detections (.json; with no PATH: '
                         'results.json). Class ids stay 0-based, not COCO\'s 91-id numbering')
     parser.add_argument('--metrics-json', metavar='PATH', help='write the overall metrics (.json)')
+    parser.add_argument('--half', action='store_true',
+                        help='fp16 inference (--device cuda only); on CUDA the model is fused '
+                        'and replayed from CUDA graphs (deploy/inference.py)')
     return parser
 
 
@@ -57,6 +66,7 @@ def main(argv=None):
                              flag)
             require_output_file(path, flag)
     device = select_device(args.device)
+    check_half(args.half, device, exported)
     options = parse_data_cfg(args.data)
     model = load_model_or_onnx(args.cfg, args.weights, device)
     check_classes(model, options, args.data, args.cfg or args.weights,
@@ -65,16 +75,25 @@ def main(argv=None):
         raise UserInputError(f'--img-size {args.img_size}: {args.weights} was exported for '
                              f'{model.img_size}x{model.img_size} inputs; drop --img-size or '
                              'export again with it')
-    img_size = default_img_size(model, args.img_size)
+    if exported:
+        img_size = model.img_size
+        print(f'image size {img_size} (fixed in {os.path.basename(args.weights)} at export)')
+    else:
+        img_size = choose_img_size(model, args.img_size, args.weights, args.cfg)
     # an exported graph has one fixed square input: its images are letterboxed to it,
     # where a Darknet model gets rectangular batches
     loader, _ = create_dataloader(require_data_key(options, 'valid', args.data), img_size,
                                   args.batch_size, options['classes'], rect=not exported,
                                   workers=args.workers, stride=model.stride)
     names = load_class_names(options['names']) if 'names' in options else None
-    result = evaluate(model, loader, options['classes'], args.conf_thres, args.iou_thres,
+    # on a GPU: fused, fp16 with --half, CUDA-graph replay (the CPU keeps evaluate's fused run)
+    net = (prepare(model, device, half=args.half, graph=True)
+           if device.type == 'cuda' and not exported else model)
+    result = evaluate(net, loader, options['classes'], args.conf_thres, args.iou_thres,
                       collect_json=bool(args.save_json))
     print(result.table(names))
+    if net is not model:
+        print(net.describe())
     print(f'{result.images} images; time: ' + ', '.join(
         f'{k} {v:.2f} s' for k, v in result.seconds.items()))
     if args.save_json:

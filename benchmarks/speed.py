@@ -46,10 +46,13 @@ from cli import demo  # noqa: E402
 from darknet.model import Darknet  # noqa: E402
 from darknet.weights import load_weights  # noqa: E402
 from data.datasets import LoadImagesAndLabels, create_dataloader  # noqa: E402
+from deploy.inference import prepare  # noqa: E402
 from deploy.onnx_export import OnnxModel, export_onnx, ort_session, quantize_int8  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
 from pruning.graph import prunable_units  # noqa: E402
-from pruning.plan import plan_masks  # noqa: E402
+from pruning.latency import (TorchTimer, latency_costs, latency_table, make_timer,  # noqa: E402
+                             predicted_latency)
+from pruning.plan import Ranking, compact_cost, plan_masks, rank_channels  # noqa: E402
 from pruning.surgery import prune  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
 from utils.plots import pyplot, save_figure  # noqa: E402
@@ -205,6 +208,169 @@ def ort_profile(path, size, threads, model, runs=10):
     return by_op, by_node.most_common(5), (conv_ms, count_macs(model, size) / 1e9, other_ms)
 
 
+# ---------------------------------------------------------------- latency as the cost
+
+LATENCY_TARGET = 0.4   # of the original's measured latency (YOLOv3 at 416, onnxruntime)
+DEMO_LATENCY_TARGET = 0.75  # the demo models at 128 cannot reach 0.4x: fixed costs dominate
+CRITERION = 'consumer'  # benchmarks/criteria.py's choice, whose default cost is params
+
+
+def _latency_ranking(model, mode, table, base, masks=None, floor=0.0):
+    """`base` (a Ranking) with each key (plus `floor`, which orders exact zeros by what
+    they save) divided by its unit's ms saved per channel."""
+    costs = latency_costs(table, model, base.units, masks)
+    keys = [(k + floor) / c for k, c in zip(base.keys, costs)]
+    return Ranking(base.criterion, 'latency', base.info, base.units, keys, torch.cat(keys))
+
+
+def plan_at_share(model, mode, ranking, table, share, layer_keep, round_to=8, steps=14):
+    """The smallest percent (bisection) whose plan's predicted latency is at most `share`
+    of the table's measured original: (plan, predicted share)."""
+    def attempt(percent):
+        plan = plan_masks(model, mode, percent, layer_keep, round_to, ranking=ranking)
+        return plan, predicted_latency(table, model, plan.masks) / table.latency
+    low, high = 0.0, 0.99
+    best = attempt(high)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        found = attempt(middle)
+        if found[1] <= share:
+            high, best = middle, found
+        else:
+            low = middle
+    return best
+
+
+def latency_cost_case(model, mode, size, target, layer_keep, rounds, threads, folder, tag):
+    """Plans at `target` of the measured latency: ranked by CRITERION's score per ms
+    saved (the table's costs, refined once at the plan found), and by its score per
+    parameter (its default cost) at the same predicted latency; both measured again with
+    onnxruntime beside the original."""
+    table = latency_table(model, mode, size, make_timer())
+    base = rank_channels(model, mode, CRITERION)
+    ranking = _latency_ranking(model, mode, table, base)
+    plan, _ = plan_at_share(model, mode, ranking, table, target, layer_keep)
+    ranking = _latency_ranking(model, mode, table, base, plan.masks)
+    plan, predicted = plan_at_share(model, mode, ranking, table, target, layer_keep)
+    params_ranking = rank_channels(model, mode, CRITERION, cost='params')
+    params_plan, params_predicted = plan_at_share(model, mode, params_ranking, table,
+                                                  predicted, layer_keep)
+    models = [('original', model), ('latency cost', prune(model, plan)[1].eval()),
+              ('params cost', prune(model, params_plan)[1].eval())]
+    rows = time_family(models, size, folder, threads, rounds, tag=tag)
+    rows['latency cost']['predicted'] = predicted
+    rows['params cost']['predicted'] = params_predicted
+    rows['original'].update(table_seconds=table.seconds_to_measure, predicted=1.0)
+    return rows
+
+
+def latency_cost_table(cases):
+    lines = ['| model | plan | predicted share | measured ms | measured share | params kept '
+             '| MAC cut | mAP@0.5 |', '|---|---|---|---|---|---|---|---|']
+    for label, target, rows in cases:
+        base = rows['original']
+        for name, row in rows.items():
+            maps = f'{row["map50"]:.3f}' if 'map50' in row else ''
+            lines.append(f'| {label} (target {target:g}) | {name} | {row["predicted"]:.3f} | '
+                         f'{row["fp32"] * 1e3:.1f} | {row["fp32"] / base["fp32"]:.3f} | '
+                         f'{row["params"] / base["params"]:.1%} | '
+                         f'{base["macs"] / row["macs"]:.2f}x | {maps} |')
+    return '\n'.join(lines)
+
+
+def latency_cost_section(folder, rounds, threads):
+    """YOLOv3 at 416 (random weights, random gammas) and the sparse demo YOLOv3 at 128
+    (mAP@0.5 on the demo validation set, no recalibration, for both plans alike)."""
+    model = zeroed_model('cfg/yolov3.cfg', 'shortcut', 416, share=0.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(0.2 + 0.8 * torch.rand(m.num_features, generator=generator))
+    cases = [('YOLOv3 416', LATENCY_TARGET,
+              latency_cost_case(model, 'shortcut', 416, LATENCY_TARGET, 0.05, rounds, threads,
+                                folder, 'lc0-'))]
+    demo_model = load_weights(Darknet(demo.YOLOV3['cfg']),
+                              demo.require_demo_weights(demo.YOLOV3['sparse_weights'])).eval()
+    rows = latency_cost_case(demo_model, 'shortcut', demo.IMG_SIZE, DEMO_LATENCY_TARGET,
+                             demo.LAYER_KEEP, rounds * 5, threads, folder, 'lc1-')
+    loader, _ = create_dataloader('data/shapes/valid.txt', demo.IMG_SIZE, 16, 4)
+    for name, row in rows.items():
+        row['map50'] = evaluate(OnnxModel(row['paths']['fp32'], 2), loader, 4,
+                                progress=False).metrics['map50']
+    cases.append(('demo YOLOv3 128', DEMO_LATENCY_TARGET, rows))
+    return cases
+
+
+# ---------------------------------------------------------------- CUDA
+
+CUDA_SETTINGS = [  # (label, graph, half, channels_last, batch)
+    ('eager fp32, batch 1', False, False, False, 1),
+    ('eager fp16, batch 1', False, True, False, 1),
+    ('eager fp32, batch 64', False, False, False, 64),
+    ('CUDA graph fp32, batch 1', True, False, False, 1),
+    ('CUDA graph fp16 channels_last, batch 1', True, True, True, 1),
+    ('CUDA graph fp16 channels_last, batch 64', True, True, True, 64),
+]
+
+
+def cuda_latency(model, graph, half, channels_last, batch, size=416, runs=20):
+    """Median seconds of one call of `deploy.inference.prepare`'s model (CUDA events)."""
+    run = prepare(model, 'cuda', half=half, channels_last=channels_last, graph=graph)
+    x = torch.rand(batch, 3, size, size, device='cuda')
+    for _ in range(3):
+        run(x)
+    times = []
+    for _ in range(runs):
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        run(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del run
+    torch.cuda.empty_cache()
+    return sorted(times)[len(times) // 2]
+
+
+def cuda_section():
+    """YOLOv3 at 416 (70% zero gammas), its shortcut 0.5 cut (round-to 8), and a plan
+    with the same parameter count ranked by |gamma| per ms saved on this GPU (table at
+    batch 64, fp16, channels_last; exact zeros broken by the ms they save), under each
+    of CUDA_SETTINGS: [{'setting', 'model', 'ms', 'params'}]."""
+    model = zeroed_model('cfg/yolov3.cfg', 'shortcut', 416)
+    pruned = prune(model, plan_masks(model, 'shortcut', 0.5, round_to=8))[1].eval()
+    table = latency_table(model, 'shortcut', 416, TorchTimer('cuda', 64, 'fp16', True))
+    ranking = _latency_ranking(model, 'shortcut', table, rank_channels(model, 'shortcut', 'gamma'),
+                               floor=1e-6)
+    budget, low, high = count_parameters(pruned), 0.0, 0.99
+    for _ in range(14):  # the smallest percent whose compact model has at most `budget`
+        middle = (low + high) / 2
+        plan = plan_masks(model, 'shortcut', middle, 0.05, 8, ranking=ranking)
+        low, high = (low, middle) if compact_cost(model, plan.masks, 416)[0] <= budget \
+            else (middle, high)
+    latency_cut = prune(model, plan_masks(model, 'shortcut', high, 0.05, 8, ranking=ranking))[1]
+    models = [('original', model), ('shortcut 0.5, round-to 8', pruned),
+              ('same params, --cost latency (GPU table)', latency_cut.eval())]
+    return [{'setting': label, 'model': name, 'params': count_parameters(net),
+             'ms': cuda_latency(net, *setting) * 1e3}
+            for label, *setting in CUDA_SETTINGS for name, net in models]
+
+
+def cuda_table(rows):
+    names = list(dict.fromkeys(r['model'] for r in rows))
+    lines = [f'{torch.cuda.get_device_name()}, torch {torch.__version__}, medians of 20 calls '
+             '(CUDA events), deploy.inference.prepare (fused BN); ms (speed-up over the '
+             'original):', '', '| setting | ' + ' | '.join(names) + ' |',
+             '|---' * (len(names) + 1) + '|']
+    for setting in dict.fromkeys(r['setting'] for r in rows):
+        ms = {r['model']: r['ms'] for r in rows if r['setting'] == setting}
+        lines.append(f'| {setting} | ' + ' | '.join(
+            f'{ms[n]:.2f}' + ('' if n == names[0] else f' ({ms[names[0]] / ms[n]:.2f}x)')
+            for n in names) + ' |')
+    return '\n'.join(lines)
+
+
 # ---------------------------------------------------------------- report
 
 def ratio_cell(seconds, base, mac_ratio):
@@ -323,12 +489,15 @@ def main(argv=None):
     parser.add_argument('--families', default=','.join(f[0] for f in FAMILIES),
                         help='comma-separated family labels to run (default: all)')
     parser.add_argument('--no-sweep', action='store_true')
+    parser.add_argument('--no-latency-cost', action='store_true',
+                        help='skip the --cost latency plans (YOLOv3 416, demo YOLOv3 128)')
+    parser.add_argument('--no-cuda', action='store_true', help='skip the CUDA table')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     wanted = args.families.split(',')
     demo.ensure_demo_data()
-    results, built, sweep, profiles = [], {}, {}, {}
+    results, built, sweep, profiles, latency_cases, cuda = [], {}, {}, {}, [], []
     with tempfile.TemporaryDirectory() as folder:
         for family in FAMILIES:
             label, _, size, source, _ = family
@@ -358,6 +527,13 @@ def main(argv=None):
                                                tag=f's{len(sweep)}-')
             print(sweep_table({(label, mode): sweep[(label, mode)]}),
                   f'\n{time.perf_counter() - start:.0f} s', flush=True)
+        if not args.no_latency_cost:
+            latency_cases = latency_cost_section(folder, args.rounds, args.threads)
+            print(latency_cost_table(latency_cases), f'\n{time.perf_counter() - start:.0f} s',
+                  flush=True)
+        if torch.cuda.is_available() and not args.no_cuda:
+            cuda = cuda_section()
+            print(cuda_table(cuda), flush=True)
         for label, size, rows in results:
             names = {'YOLOv3': ['original', 'shortcut 0.5', 'shortcut 0.5, round-to 8',
                                 'regular 0.5, round-to 8'],
@@ -376,6 +552,10 @@ def main(argv=None):
              f'efficiency = speed-up / MAC cut). Whole run {seconds:.0f} s.')
     text = '\n\n'.join(['# Latency against the MAC cut', setup, main_table(results),
                         '## --round-to at --percent 0.5', sweep_table(sweep),
+                        '## --cost latency (onnxruntime FP32 table)',
+                        latency_cost_table(latency_cases) if latency_cases else '',
+                        '## CUDA (batch 1 and 64, eager and CUDA-graph replay)',
+                        cuda_table(cuda) if cuda else 'no CUDA device in this run',
                         '## Where onnxruntime spends the time (ms per run by op type)',
                         profile_table(profiles) if profiles else '']) + '\n'
     atomic_write_text(args.output + '.md', text)
@@ -386,8 +566,13 @@ def main(argv=None):
                      'rows': {n: {k: v for k, v in r.items() if k != 'paths'}
                               for n, r in rows.items()}}
                     for (label, mode), rows in sweep.items()]
+    latency_serial = [{'family': label, 'target': target,
+                       'rows': {n: {k: v for k, v in r.items() if k != 'paths'}
+                                for n, r in rows.items()}}
+                      for label, target, rows in latency_cases]
     atomic_write_text(args.output + '.json', json.dumps(
-        {'results': serial, 'sweep': sweep_serial,
+        {'results': serial, 'sweep': sweep_serial, 'latency_cost': latency_serial,
+         'cuda': cuda,
          'profiles': {k: {'by_op': v[0], 'slowest': v[1], 'conv_ms_gmacs_other_ms': v[2]}
                       for k, v in profiles.items()}},
         indent=1) + '\n')

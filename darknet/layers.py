@@ -432,7 +432,14 @@ def decode_boxes(raw, grid, stride, scale_x_y, anchors, max_log_wh=None):
 
 
 class YOLOLayer(nn.Module):
-    """Decodes one head: raw (B, A*(5+C), H, W) -> boxes in input pixels."""
+    """Decodes one head: raw (B, A*(5+C), H, W) -> boxes in input pixels.
+
+    The forward does no host work once it has seen an input size: the cell grid, the
+    strides and the anchors it decodes with are non-persistent buffers (never in a
+    state dict or a .pt file), built on the first forward at each (size, dtype, device)
+    and then reused, and no tensor is made from Python data. So a CUDA graph can capture
+    the decoded forward after one warm-up pass, and torch.compile needs no graph break
+    (tests/test_capture_safe.py)."""
 
     def __init__(self, anchors, num_classes, scale_x_y=1.0):
         super().__init__()
@@ -443,6 +450,25 @@ class YOLOLayer(nn.Module):
         self.num_outputs = num_classes + 5
         self.scale_x_y = scale_x_y
         self.stride = None  # (x, y) in input pixels per cell, set by each forward
+        # the decode constants of the last input size (see _decode_constants)
+        for name in ('grid', 'cell_stride', 'anchor_wh'):
+            self.register_buffer(name, torch.zeros(0), persistent=False)
+        self._decode_key = None
+
+    def _decode_constants(self, ny, nx, p):
+        """(grid (H, W, 2) x, y; stride (2,) x, y; anchors (A, 2)) in p's dtype and
+        device. Built only when the size, dtype or device changes: a branch on shapes,
+        never on values. None is over 3-D, so `model.to(memory_format=torch.channels_last)`
+        (which converts 4-D and refuses 5-D buffers) leaves them be."""
+        key = (ny, nx, self.stride, p.dtype, p.device)
+        if key != self._decode_key:
+            gy, gx = torch.meshgrid(torch.arange(ny, device=p.device),
+                                    torch.arange(nx, device=p.device), indexing='ij')
+            self.grid = torch.stack((gx, gy), -1).to(p.dtype)
+            self.cell_stride = torch.tensor(self.stride, dtype=p.dtype, device=p.device)
+            self.anchor_wh = self.anchors.to(p.device, p.dtype)
+            self._decode_key = key
+        return self.grid, self.cell_stride, self.anchor_wh
 
     def forward(self, p, img_size, raw=False):
         batch, _, ny, nx = p.shape
@@ -451,11 +477,9 @@ class YOLOLayer(nn.Module):
         p = p.view(batch, self.num_anchors, self.num_outputs, ny, nx).permute(0, 1, 3, 4, 2)
         if self.training or raw:
             return p.contiguous()
-        gy, gx = torch.meshgrid(torch.arange(ny, device=p.device),
-                                torch.arange(nx, device=p.device), indexing='ij')
-        grid = torch.stack((gx, gy), -1).to(p.dtype)  # (H, W, 2)
-        boxes = decode_boxes(p[..., :4], grid, p.new_tensor(self.stride), self.scale_x_y,
-                             self.anchors.view(1, -1, 1, 1, 2).to(p.dtype))
+        grid, stride, anchors = self._decode_constants(ny, nx, p)
+        boxes = decode_boxes(p[..., :4], grid, stride, self.scale_x_y,
+                             anchors.view(1, -1, 1, 1, 2))
         decoded = torch.cat((boxes, torch.sigmoid(p[..., 4:])), -1)
         return decoded.view(batch, -1, self.num_outputs)
 

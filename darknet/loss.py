@@ -42,7 +42,16 @@ Scale. total = box * hyp['box'] + obj * hyp['obj'] + cls * hyp['cls'] is per ima
 `loss` = total * batch size, so the gradient is that of a sum over the batch, as the
 YOLOv3/YOLOv5 learning rates expect. `items` = [box, obj, cls, total], each with its gain,
 detached, per image: `items[3] * batch_size == loss`.
+
+How it runs. The step never waits for the device: no `.item()`, no `nonzero`, no branch
+on a tensor's values. Every target is paired with every anchor of every head at once, a
+dense (targets x anchors) table; the pairs the rule does not assign are computed and
+masked out, which costs less than finding the assigned ones. The heads are read through
+one autograd node (`_GatherHeads`) whose backward writes each head's gradient once.
+tests/loss_reference.py keeps the earlier per-head implementation, and the tests check
+this one against it.
 """
+import functools
 import math
 from typing import NamedTuple
 
@@ -129,19 +138,94 @@ def bbox_iou(box1, box2, kind='iou', eps=1e-7):
     return diou - alpha * v
 
 
-def decode_boxes(raw, stride, scale_x_y, anchors, rows, cols):
-    """Raw (m, 4) tx, ty, tw, th at cells (rows, cols) -> (m, 4) cx, cy, w, h in pixels,
-    as the model decodes them (darknet.layers.decode_boxes), tw and th capped.
-
-    `anchors` (m, 2) is each row's anchor in pixels, `stride` the head's (x, y) pixels
-    per cell.
-    """
-    grid = torch.stack((cols, rows), 1).to(raw.dtype)  # (m, 2) x, y
-    return decode_model_boxes(raw, grid, raw.new_tensor(stride), scale_x_y, anchors,
-                              MAX_LOG_WH)
-
 
 # ---------------------------------------------------------------------------- assignment
+
+class AnchorTable(NamedTuple):
+    """Every anchor of every head as one table, K = the anchors of all heads, cfg order,
+    so that assignment and decoding run over all heads at once."""
+    bounds: tuple           # (first, last) columns of each head in the K anchors
+    sizes: tuple            # each head's B * A * H * W cells, for splitting objectness
+    anchor: torch.Tensor    # (K,) long, index among its head's anchors
+    num_anchors: torch.Tensor  # (K,) long, A of its head
+    grid: torch.Tensor      # (K, 2) long, W and H of its head
+    offset: torch.Tensor    # (K,) long, its head's first cell among all heads' cells
+    stride: torch.Tensor    # (K, 2) float, x and y pixels per cell
+    scale: torch.Tensor     # (K, 1) float, scale_x_y of its head
+    image_wh: torch.Tensor  # (2,) float, the input's width and height in pixels
+
+
+@functools.lru_cache(maxsize=64)
+def _anchor_table(device, dtype, layout):
+    """The `AnchorTable` of `layout`, one (B, A, H, W, stride x, stride y, scale_x_y) per
+    head. Cached: it is made of Python numbers, and copying those to a GPU each step
+    would wait for the GPU to finish the forward first."""
+    bounds, sizes, anchor, num, grid, offset, stride, scale = [], [], [], [], [], [], [], []
+    first = cells = 0
+    for batch, a, h, w, sx, sy, s in layout:
+        bounds.append((first, first + a))
+        sizes.append(batch * a * h * w)
+        anchor += range(a)
+        num += [a] * a
+        grid += [(w, h)] * a
+        offset += [cells] * a
+        stride += [(sx, sy)] * a
+        scale += [(s,)] * a
+        first, cells = first + a, cells + sizes[-1]
+    _, _, h, w, sx, sy, _ = layout[0]  # every head covers the input: grid times stride
+    long = lambda v: torch.tensor(v, dtype=torch.long, device=device)
+    real = lambda v: torch.tensor(v, dtype=dtype, device=device)
+    return AnchorTable(tuple(bounds), tuple(sizes), long(anchor), long(num), long(grid),
+                       long(offset), real(stride), real(scale), real([w * sx, h * sy]))
+
+
+def anchor_table(heads, model):
+    layout = tuple((head.shape[0], layer.num_anchors, head.shape[2], head.shape[3],
+                    float(layer.stride[0]), float(layer.stride[1]), float(layer.scale_x_y))
+                   for head, layer in zip(heads, model.yolo_layers))
+    dtype = torch.promote_types(heads[0].dtype, torch.float32)
+    return _anchor_table(heads[0].device, dtype, layout)
+
+
+class Assignment(NamedTuple):
+    """Every (target, anchor) pair, n targets by K anchors of all heads, dense: `match`
+    says which pairs the rule assigns; the rest are computed and masked out, which costs
+    less than finding the assigned ones (a `nonzero` waits for the GPU)."""
+    match: torch.Tensor     # (n, K) bool
+    image: torch.Tensor     # (n,) long, index in the batch
+    cls: torch.Tensor       # (n,) long, class
+    box: torch.Tensor       # (n, 4) float, target cx, cy, w, h in input pixels
+    row: torch.Tensor       # (n, K) long, grid cell y on the anchor's head
+    col: torch.Tensor       # (n, K) long, grid cell x
+    cell: torch.Tensor      # (n, K) long, index of (image, anchor, row, col) in its head's
+                            # (B, A, H, W) cells
+
+
+def assign(heads, targets, model, anchor_t, table):
+    """The `Assignment` of `targets` by the rule in the module docstring."""
+    dtype = table.stride.dtype
+    targets = targets.to(device=table.stride.device, dtype=dtype)
+    xy = targets[:, 2:4] * table.image_wh  # (n, 2) pixels
+    wh = targets[:, 4:6] * table.image_wh
+    anchors = torch.cat([layer.anchors for layer in model.yolo_layers]).to(xy)  # (K, 2)
+
+    # best anchor of each target over all heads: IoU of the sizes on one centre
+    inter = torch.min(wh[:, None], anchors[None]).prod(2)  # (n, K)
+    union = wh.prod(1)[:, None] + anchors.prod(1)[None] - inter
+    best = (inter / union.clamp(min=1e-12)).argmax(1)  # (n,)
+    ratio = wh[:, None] / anchors[None]  # (n, K, 2)
+    match = torch.max(ratio, 1 / ratio).amax(2) < anchor_t  # (n, K); zero sizes fail
+    match.scatter_(1, best[:, None], True)
+
+    cell = (xy[:, None] / table.stride).floor().long()  # (n, K, 2) x, y
+    cell = torch.minimum(cell.clamp(min=0), table.grid - 1)  # a centre on the far edge stays in
+    col, row = cell.unbind(2)
+    image = targets[:, 0].long()
+    flat = ((image[:, None] * table.num_anchors + table.anchor) * table.grid[:, 1] + row) \
+        * table.grid[:, 0] + col
+    return Assignment(match, image, targets[:, 1].long(), torch.cat((xy, wh), 1), row, col,
+                      flat)
+
 
 class Assigned(NamedTuple):
     """The (target, anchor) pairs of one head, m of them, as parallel tensors."""
@@ -154,7 +238,24 @@ class Assigned(NamedTuple):
     box: torch.Tensor       # (m, 4) float, target cx, cy, w, h in input pixels
 
 
+def build_targets(heads, targets, model, anchor_t=DEFAULT_HYP['anchor_t']):
+    """The `Assigned` pairs of every head, cfg order: the assignment `compute_loss` uses,
+    listed pair by pair to read or test (it finds the pairs, so it waits for a GPU)."""
+    _check_inputs(heads, targets, model)
+    table = anchor_table(heads, model)
+    a = assign(heads, targets, model, anchor_t, table)
+    assigned = []
+    for first, last in table.bounds:
+        t, anchor = a.match[:, first:last].nonzero(as_tuple=True)
+        k = first + anchor
+        assigned.append(Assigned(a.image[t], anchor, a.row[t, k], a.col[t, k], t, a.cls[t],
+                                 a.box[t]))
+    return assigned
+
+
 def _check_inputs(heads, targets, model):
+    """Shapes always; target values only where they are on the CPU, since reading a
+    GPU tensor's values would stall the step (the data loader checks labels anyway)."""
     layers = model.yolo_layers
     if not isinstance(heads, (list, tuple)) or len(heads) != len(layers):
         raise ValueError(f'heads: expected the train-mode list of {len(layers)} raw head '
@@ -170,114 +271,110 @@ def _check_inputs(heads, targets, model):
     if targets.dim() != 2 or targets.shape[1] != 6:
         raise ValueError(f'targets: shape {tuple(targets.shape)}, expected (n, 6) rows of '
                          'image, class, cx, cy, w, h')
-    if len(targets):
-        image, cls = targets[:, 0], targets[:, 1]
-        if image.min() < 0 or image.max() >= heads[0].shape[0]:
-            raise ValueError(f'targets: image indices {int(image.min())}..{int(image.max())} '
-                             f'outside the batch of {heads[0].shape[0]}')
-        num_classes = layers[0].num_classes
-        if cls.min() < 0 or cls.max() >= max(num_classes, 1):
-            raise UserInputError(f'labels hold classes {int(cls.min())}..{int(cls.max())}, '
-                                 f'but the model has {num_classes} (0..{num_classes - 1}); '
-                                 'check the label files or classes= in the cfg')
+    if len(targets) and targets.device.type == 'cpu':
+        check_target_values(targets, heads[0].shape[0], layers[0].num_classes)
 
 
-def build_targets(heads, targets, model, anchor_t=DEFAULT_HYP['anchor_t']):
-    """The `Assigned` pairs of every head, cfg order, by the rule in the module docstring."""
-    _check_inputs(heads, targets, model)
-    layers = model.yolo_layers
-    device, dtype = heads[0].device, torch.promote_types(heads[0].dtype, torch.float32)
-    targets = targets.to(device=device, dtype=dtype)
-    # every head covers the whole input: grid size times stride is the image size
-    ny, nx = heads[0].shape[2:4]
-    image_wh = torch.tensor([nx * layers[0].stride[0], ny * layers[0].stride[1]],
-                            device=device)
-    xy = targets[:, 2:4] * image_wh  # (n, 2) pixels
-    wh = targets[:, 4:6] * image_wh
-    anchors = [layer.anchors.to(device=device, dtype=dtype) for layer in layers]
-
-    # best anchor of each target over all heads: IoU of the sizes on one centre
-    all_anchors = torch.cat(anchors)  # (sum of A, 2)
-    inter = torch.min(wh[:, None], all_anchors[None]).prod(2)  # (n, sum of A)
-    union = wh.prod(1)[:, None] + all_anchors.prod(1)[None] - inter
-    best = (inter / union.clamp(min=1e-12)).argmax(1)  # (n,)
-
-    assigned, first = [], 0
-    for head, layer, head_anchors in zip(heads, layers, anchors):
-        num_anchors = len(head_anchors)
-        ratio = wh[:, None] / head_anchors[None]  # (n, A, 2)
-        match = torch.max(ratio, 1 / ratio).amax(2) < anchor_t  # (n, A); zero sizes fail
-        mine = (best >= first) & (best < first + num_anchors)
-        match[mine.nonzero(as_tuple=True)[0], best[mine] - first] = True
-        first += num_anchors
-
-        t, a = match.nonzero(as_tuple=True)
-        grid_h, grid_w = head.shape[2:4]
-        stride = xy.new_tensor(layer.stride)
-        cell = (xy[t] / stride).floor().long()  # (m, 2) x, y
-        col = cell[:, 0].clamp(0, grid_w - 1)   # a centre on the far edge (1.0) stays inside
-        row = cell[:, 1].clamp(0, grid_h - 1)
-        box = torch.cat((xy[t], wh[t]), 1)
-        assigned.append(Assigned(targets[t, 0].long(), a, row, col, t,
-                                 targets[t, 1].long(), box))
-    return assigned
+def check_target_values(targets, batch, num_classes):
+    """Image indices inside the batch and classes the model has."""
+    image, cls = targets[:, 0], targets[:, 1]
+    if image.min() < 0 or image.max() >= batch:
+        raise ValueError(f'targets: image indices {int(image.min())}..{int(image.max())} '
+                         f'outside the batch of {batch}')
+    if cls.min() < 0 or cls.max() >= max(num_classes, 1):
+        raise UserInputError(f'labels hold classes {int(cls.min())}..{int(cls.max())}, '
+                             f'but the model has {num_classes} (0..{num_classes - 1}); '
+                             'check the label files or classes= in the cfg')
 
 
 # ---------------------------------------------------------------------------- loss
+
+class _GatherHeads(torch.autograd.Function):
+    """All heads' objectness logits, concatenated (cells,), and the whole output rows
+    of every pair, (n, K, 5 + C), in one autograd node. Its backward writes each head's
+    gradient once: zeros, the objectness column, the pairs' rows added. Indexing the
+    heads twice instead has autograd build two dense head-sized gradients per head and
+    add them, which on a CPU was nine tenths of the loss's time."""
+
+    @staticmethod
+    def forward(ctx, cell, bounds, *heads):
+        ctx.save_for_backward(cell)
+        ctx.bounds, ctx.shapes = bounds, [head.shape for head in heads]
+        objectness = heads[0].new_empty(sum(head[..., 4].numel() for head in heads))
+        start = 0
+        for head in heads:  # one strided copy each (reshape, then cat, would be two)
+            size = head[..., 4].numel()
+            objectness[start:start + size].view(head.shape[:-1]).copy_(head[..., 4])
+            start += size
+        rows = torch.cat([head.reshape(-1, head.shape[-1])[cell[:, first:last]]
+                          for head, (first, last) in zip(heads, bounds)], 1)
+        return objectness, rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_objectness, grad_rows):
+        cell, = ctx.saved_tensors
+        grads, start = [], 0
+        for shape, (first, last) in zip(ctx.shapes, ctx.bounds):
+            grad = grad_rows.new_zeros(shape)
+            size = grad[..., 4].numel()
+            grad[..., 4] = grad_objectness[start:start + size].reshape(shape[:-1])
+            grad.view(-1, shape[-1]).index_add_(0, cell[:, first:last].reshape(-1),
+                                                grad_rows[:, first:last].reshape(-1, shape[-1]))
+            grads.append(grad)
+            start += size
+        return (None, None, *grads)
+
 
 def compute_loss(heads, targets, model, hyp=None):
     """(loss, items): loss = total * batch size to backprop, items = [box, obj, cls, total].
 
     `heads` the train-mode output of `model`, `targets` (n, 6) image, class, cx, cy, w, h
-    (normalised), `hyp` overrides of DEFAULT_HYP. Works on the heads' device.
+    (normalised), `hyp` overrides of DEFAULT_HYP. Works on the heads' device, scores in
+    float32 (or float64 for float64 heads), and never waits for the device.
     """
     hyp = merge_hyp(hyp)
-    layers = model.yolo_layers
-    assigned = build_targets(heads, targets, model, hyp['anchor_t'])
-    batch = heads[0].shape[0]
+    _check_inputs(heads, targets, model)
     balance = hyp['balance'] if hyp['balance'] is not None else [1.0] * len(heads)
     if len(balance) != len(heads):
         raise UserInputError(f'hyp balance has {len(balance)} weights but the model has '
                              f'{len(heads)} yolo heads; give one per head or None')
-    smooth = hyp['label_smoothing']
+    table = anchor_table(heads, model)
+    a = assign(heads, targets, model, hyp['anchor_t'], table)
+    dtype = table.stride.dtype
+    objectness, rows = _GatherHeads.apply(a.cell, table.bounds, *heads)
+    objectness, rows = objectness.to(dtype), rows.to(dtype)  # half-precision heads: float32
 
-    # half-precision heads (AMP) are scored in float32, float64 ones stay float64
-    dtype = torch.promote_types(heads[0].dtype, torch.float32)
-    zero = heads[0].new_zeros((), dtype=dtype)
-    box_sum, num_pairs = zero, 0
-    cls_sum, num_cls = zero, 0
-    obj_terms = []
-    for head, layer, pairs in zip(heads, layers, assigned):
-        head = head.to(dtype)
-        objectness_target = torch.zeros_like(head[..., 4])  # (B, A, H, W)
-        m = len(pairs.target)
-        if m:
-            p = head[pairs.image, pairs.anchor, pairs.row, pairs.col]  # (m, 5 + C)
-            anchors = layer.anchors.to(p.device, p.dtype)[pairs.anchor]  # (m, 2)
-            predicted = decode_boxes(p[:, :4], layer.stride, layer.scale_x_y, anchors,
-                                     pairs.row, pairs.col)
-            box_sum = box_sum + (1 - bbox_iou(predicted, pairs.box, hyp['iou_type'])).sum()
-            num_pairs += m
+    anchors = torch.cat([layer.anchors for layer in model.yolo_layers]).to(rows)
+    grid = torch.stack((a.col, a.row), 2).to(dtype)  # (n, K, 2) x, y
+    predicted = decode_model_boxes(rows[..., :4], grid, table.stride, table.scale, anchors,
+                                   MAX_LOG_WH)  # (n, K, 4) pixels
+    truth = a.box[:, None].expand_as(predicted)
+    pairs = a.match.sum().clamp(min=1)
+    box = torch.where(a.match, 1 - bbox_iou(predicted, truth, hyp['iou_type']), 0).sum() / pairs
 
-            quality = bbox_iou(predicted.detach(), pairs.box, 'iou').clamp(0, 1)
-            score = (1 - hyp['obj_iou']) + hyp['obj_iou'] * quality
-            _, num_anchors, grid_h, grid_w = objectness_target.shape
-            flat = ((pairs.image * num_anchors + pairs.anchor) * grid_h + pairs.row) \
-                * grid_w + pairs.col  # index into the (B, A, H, W) objectness targets
-            objectness_target.view(-1).scatter_reduce_(0, flat, score, 'amax')
+    quality = bbox_iou(predicted.detach(), truth, 'iou').clamp(0, 1)
+    score = torch.where(a.match, (1 - hyp['obj_iou']) + hyp['obj_iou'] * quality, 0)
+    # unassigned pairs score 0, which no target's maximum can lose to
+    objectness_target = torch.zeros_like(objectness).scatter_reduce_(
+        0, (a.cell + table.offset).view(-1), score.view(-1), 'amax')
+    bce = F.binary_cross_entropy_with_logits(objectness, objectness_target, reduction='none')
+    weight = sum(balance)
+    obj = sum(part.mean() * (w / weight) for part, w in zip(bce.split(table.sizes), balance))
 
-            if layer.num_classes:
-                class_target = torch.full_like(p[:, 5:], smooth / 2)  # (m, C)
-                class_target[torch.arange(m, device=p.device), pairs.cls] = 1 - smooth / 2
-                cls_sum = cls_sum + F.binary_cross_entropy_with_logits(
-                    p[:, 5:], class_target, reduction='sum')
-                num_cls += class_target.numel()
-        obj_terms.append(F.binary_cross_entropy_with_logits(head[..., 4], objectness_target))
-
-    box = box_sum / max(num_pairs, 1)
-    cls = cls_sum / max(num_cls, 1)
-    weights = torch.tensor(balance, dtype=dtype, device=zero.device)
-    obj = (torch.stack(obj_terms) * weights).sum() / weights.sum()
+    cls = _class_term(rows[..., 5:], a, model.yolo_layers[0].num_classes,
+                      hyp['label_smoothing'], pairs)
     box, obj, cls = box * hyp['box'], obj * hyp['obj'], cls * hyp['cls']
     total = box + obj + cls
-    return total * batch, torch.stack((box, obj, cls, total)).detach()
+    return total * heads[0].shape[0], torch.stack((box, obj, cls, total)).detach()
+
+
+def _class_term(logits, a, num_classes, smooth, pairs):
+    """Mean binary cross-entropy of the class logits (n, K, C) of assigned pairs against
+    the one-hot class, smoothed; 0 for a model without classes."""
+    if not num_classes:
+        return logits.new_zeros(())
+    onehot = torch.zeros_like(logits[:, 0]).scatter_(1, a.cls[:, None], 1.0)  # (n, C)
+    target = (onehot * (1 - smooth) + smooth / 2)[:, None].expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction='none').sum(2)
+    return torch.where(a.match, bce, 0).sum() / (pairs * num_classes)

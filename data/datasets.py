@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from darknet.cfg import parse_data_cfg, require_data_key
+from data.cache import cache_images
 from utils.errors import UserInputError
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.dng', '.pgm',
@@ -369,11 +370,12 @@ class LoadImagesAndLabels(Dataset):
     the smallest (H, W), multiples of `stride`, that holds every image of the batch with
     its long side at img_size. `augment` adds a random affine, HSV jitter and a flip
     (rect batches are for evaluation and are not augmented). With augmentation the
-    LetterboxInfo describes the letterbox only, not the random affine.
+    LetterboxInfo describes the letterbox only, not the random affine. `cache` decodes
+    and letterboxes every image once, here, and keeps them (data/cache.py).
     """
 
     def __init__(self, list_path, img_size=416, batch_size=16, augment=False, hyp=None,
-                 rect=False, stride=32, num_classes=None):
+                 rect=False, stride=32, num_classes=None, cache=False):
         index = check_dataset(list_path, num_classes)
         unknown = set(hyp or {}) - set(DEFAULT_HYP)
         if unknown:
@@ -407,21 +409,30 @@ class LoadImagesAndLabels(Dataset):
                 h, w = sl.max(0)
                 self.batch_shapes.append((int(math.ceil(h / self.stride) * self.stride),
                                           int(math.ceil(w / self.stride) * self.stride)))
+        self.images = cache_images(list_path, [self.shape_of(i) for i in range(len(self))],
+                                   self.letterboxed) if cache else None
 
     def __len__(self):
         return len(self.img_files)
 
-    def __getitem__(self, index):
-        path = self.img_files[index]
-        img0 = load_image(path)
+    def shape_of(self, index):
+        """(h, w) image `index` is letterboxed to."""
+        return self.batch_shapes[index // self.batch_size] if self.rect else (self.img_size,) * 2
+
+    def letterboxed(self, index):
+        """Image `index` decoded and letterboxed: (BGR uint8 (h, w, 3), LetterboxInfo)."""
+        img0 = load_image(self.img_files[index])
         h0, w0 = img0.shape[:2]
-        if self.rect:
-            shape = self.batch_shapes[index // self.batch_size]
-        else:
-            shape = (self.img_size, self.img_size)
+        shape = self.shape_of(index)
         # long side at img_size, shrunk further only if the target shape is smaller
         ratio = min(self.img_size / max(h0, w0), shape[0] / h0, shape[1] / w0)
-        img, info = letterbox(img0, shape, ratio)
+        return letterbox(img0, shape, ratio)
+
+    def __getitem__(self, index):
+        path = self.img_files[index]
+        img, info = self.letterboxed(index) if self.images is None else self.images[index]
+        img = img.copy() if self.images is not None and self.augment else img  # HSV is in place
+        h0, w0 = info.orig_shape
 
         labels = self.labels[index]  # (n, 5) normalised to the original image
         cls = labels[:, 0].copy()
@@ -495,15 +506,22 @@ def check_classes(model, options, data, name, fix='pass the matching .data'):
                              f'{model.num_classes}; {fix}')
 
 
+def default_workers():
+    """Loader processes when none are asked for: one per core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
 def create_dataloader(list_path, img_size, batch_size, num_classes, augment=False, rect=False,
-                      workers=0, shuffle=False, stride=32, hyp=None, shards=None):
+                      workers=0, shuffle=False, stride=32, hyp=None, shards=None, cache=False,
+                      pin_memory=False):
     """A DataLoader over `list_path` and its data set: returns (loader, dataset).
 
     `shards=(rank, world, seed)` shuffles with a DistributedSampler, one share of each
     epoch's permutation per process (call `loader.sampler.set_epoch(e)`); one process
     with world 1 sees the same permutation that several processes split. Rect batches
     depend on the order of the images, so `rect` turns shuffling off and cannot be
-    combined with shards.
+    combined with shards. `workers` None: `default_workers()`. `cache`: see
+    LoadImagesAndLabels; `pin_memory`: batches in page-locked memory, for CUDA.
     """
     check_img_size(img_size, stride)
     if batch_size < 1:
@@ -511,18 +529,19 @@ def create_dataloader(list_path, img_size, batch_size, num_classes, augment=Fals
     if rect and shards is not None:
         raise ValueError('rect batches need the data set order: do not pass shards')
     dataset = LoadImagesAndLabels(list_path, img_size, batch_size, augment=augment, hyp=hyp,
-                                  rect=rect, stride=stride, num_classes=num_classes)
+                                  rect=rect, stride=stride, num_classes=num_classes, cache=cache)
     sampler = None
     if shards is not None:
         rank, world, seed = shards
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                      seed=seed)
+    workers = default_workers() if workers is None else workers
     workers = max(0, min(workers, os.cpu_count() or 1, batch_size))
     loader = DataLoader(dataset, batch_size=batch_size,
                         shuffle=shuffle and not rect and sampler is None,
                         sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                         worker_init_fn=_worker_init if workers else None,
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0, pin_memory=pin_memory)
     return loader, dataset
 
 
@@ -552,11 +571,13 @@ class DataFile:
                 self.classes, rect=True, workers=workers, stride=stride)
         return self._valid[key]
 
-    def train_loader(self, img_size, batch_size, stride, augment=True, workers=0, shards=None):
+    def train_loader(self, img_size, batch_size, stride, augment=True, workers=0, shards=None,
+                     cache=False, pin_memory=False):
         """(loader, dataset) over the train= list, for training."""
         return create_dataloader(require_data_key(self.options, 'train', self.path), img_size,
                                  batch_size, self.classes, augment=augment, workers=workers,
-                                 stride=stride, shards=shards)
+                                 stride=stride, shards=shards, cache=cache,
+                                 pin_memory=pin_memory)
 
     def training_batches(self, images, img_size, batch_size, stride, workers=0, seed=0):
         """`images` training images as a list of (images, targets) batches, letterboxed

@@ -47,6 +47,9 @@ from utils.errors import UserInputError
 from utils.fileio import atomic_output
 
 MAX_DIFFERENCE = 1e-4  # onnxruntime vs PyTorch, as a share of the output scale
+# an fp16 graph (half=True) against the fp32 PyTorch model: fp16 keeps 11 significant
+# bits, and exp() of a box's tw, th carries their rounding into its width and height
+HALF_MAX_DIFFERENCE = 1e-2
 # 17 is read by every runtime these models are deployed to (onnxruntime, TensorRT 8.6+,
 # OpenCV 4.8+); later opsets add nothing the Darknet layers use. The TorchScript
 # exporter writes 11 (the Resize and Pad the upsample and pools need) to 20.
@@ -97,6 +100,20 @@ class _RawHeads(nn.Module):
         return tuple(self.model(x, raw=True))
 
 
+class _Half(nn.Module):
+    """An fp16 model behind fp32 inputs and outputs: the graph casts 'images' to fp16
+    first and every output back to fp32 last, so a consumer of the fp32 file reads the
+    fp16 one the same way; weights and activations in between are fp16."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x.half())
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
 def output_names(model, raw_heads):
     return [f'head{k}' for k in range(len(model.yolo_layers))] if raw_heads else ['detections']
 
@@ -113,14 +130,17 @@ def _metadata(model, img_size, raw_heads):
             'scale_x_y': json.dumps([y.scale_x_y for y in model.yolo_layers])}
 
 
-def _export_bytes(model, img_size, dynamic_batch, opset, raw_heads):
+def _export_bytes(model, img_size, dynamic_batch, opset, raw_heads, half=False):
     """The serialised graph of `model` (eval mode, on the CPU) at one spatial size. The
     exporter puts the module it is given back in that module's mode afterwards, which
     for a wrapper in train mode would be the model's too: the wrapper is made eval."""
     channels = model.hyperparams.get('channels', 3)
     x = torch.rand(1, channels, img_size, img_size)
+    if half:
+        model = model.half()
     with torch.no_grad():
-        model(x)  # the size checks a trace skips: a bad input size or route is refused here
+        # the size checks a trace skips: a bad input size or route is refused here
+        model(x.to(next(model.parameters()).dtype))
     names = output_names(model, raw_heads)
     dynamic = ({name: {0: 'batch'} for name in [INPUT_NAME] + names} if dynamic_batch
                else None)
@@ -134,7 +154,8 @@ def _export_bytes(model, img_size, dynamic_batch, opset, raw_heads):
         warnings.simplefilter('ignore', DeprecationWarning)
         warnings.filterwarnings('ignore', message='Constant folding - Only steps=1')
         try:
-            torch.onnx.export(_RawHeads(model).eval() if raw_heads else model, (x,), buffer,
+            subject = _RawHeads(model).eval() if raw_heads else model
+            torch.onnx.export(_Half(subject).eval() if half else subject, (x,), buffer,
                               input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes=dynamic, opset_version=opset, **TORCHSCRIPT)
         except torch.onnx.errors.OnnxExporterError as e:
@@ -204,12 +225,15 @@ def onnx_difference(path, model, img_size, batch_sizes=(1,), raw_heads=False, se
 
 
 def export_onnx(model, path, img_size, dynamic_batch=False, opset=None, raw_heads=False,
-                max_difference=MAX_DIFFERENCE):
+                max_difference=None, half=False):
     """Export `model` to `path` for square img_size inputs, check the file with
     onnxruntime against the model (at batch 1, and 2 when dynamic) and only then put it
     in place; returns the largest difference as a share of the output scale. A failed
     check raises OnnxCheckError and leaves no file. The model is traced on the CPU in
-    eval mode and left in the mode it came in."""
+    eval mode and left in the mode it came in. `half`: weights and activations in fp16
+    behind fp32 inputs and outputs (`_Half`), checked against the fp32 model within
+    HALF_MAX_DIFFERENCE (onnxruntime's CPU provider runs fp16 graphs, though not faster
+    than fp32: the file is for GPU runtimes). `max_difference` overrides the limit."""
     onnx, _ = require_onnx()
     opset = check_opset(DEFAULT_OPSET if opset is None else opset)
     training = model.training
@@ -220,10 +244,13 @@ def export_onnx(model, path, img_size, dynamic_batch=False, opset=None, raw_head
     try:
         # the graph holds the fused model (one conv where there was conv + BN); the check
         # below holds it against the unfused one, so it covers the fusion too
+        if max_difference is None:
+            max_difference = HALF_MAX_DIFFERENCE if half else MAX_DIFFERENCE
         proto = onnx.load_from_string(_export_bytes(subject.fuse(), img_size, dynamic_batch,
-                                                    opset, raw_heads))
+                                                    opset, raw_heads, half))
         for key, value in _metadata(subject, img_size, raw_heads).items():
             proto.metadata_props.add(key=key, value=value)
+        proto.metadata_props.add(key='precision', value='fp16' if half else 'fp32')
         onnx.checker.check_model(proto)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
@@ -280,6 +307,24 @@ def model_latency(model, img_size, runs=10, warmup=1, threads=None):
         path = os.path.join(folder, 'model.onnx')
         export_onnx(model, path, img_size)
         return onnx_latency(path, img_size, runs=runs, warmup=warmup, threads=threads)
+
+
+def onnx_runner(model, img_size, path):
+    """A zero-argument callable: one batch-1 onnxruntime CPU run of `model`'s FP32 export
+    on a fixed random input, or None when onnx or onnxruntime is not installed. The file
+    is written to `path` (checked as export_onnx checks it; the caller owns the folder).
+    Its threads sleep between runs instead of spinning, so that sessions timed in turns
+    (utils.torch_utils.interleaved_ratio) do not slow each other."""
+    try:
+        require_onnx()
+    except UserInputError:
+        return None
+    export_onnx(model, path, img_size)
+    session = ort_session(path, spinning=False)
+    channels = session.get_inputs()[0].shape[1]
+    x = np.random.default_rng(0).random((1, channels, img_size, img_size), np.float32)
+    feed = {session.get_inputs()[0].name: x}
+    return lambda: session.run(None, feed)
 
 
 # ---------------------------------------------------------------- evaluating a file

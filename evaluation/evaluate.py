@@ -2,8 +2,9 @@
 
 `evaluate(model, dataloader, num_classes)` runs a Darknet model (as its fused copy) or
 an exported ONNX file (`deploy.onnx_export.OnnxModel`) over the loader, NMS, matching at
-IoU 0.5, and returns an `Evaluation`: precision, recall, mAP@0.5 and @0.5:0.95, F1,
-per-class rows and where the time went. test.py is its command; train.py calls it after
+IoU 0.5:0.05:0.95 in original image pixels (the detections clipped to the image, as
+--save-json writes them), and returns an `Evaluation`: precision, recall, mAP@0.5 and
+@0.5:0.95, F1, per-class rows and where the time went. test.py is its command; train.py calls it after
 each epoch, the prune scripts on the model before and after pruning.
 """
 import itertools
@@ -26,20 +27,21 @@ from utils.torch_utils import time_sync
 class Evaluation:
     """What `evaluate` measured: overall figures, per-class rows, and where time went."""
     metrics: dict                       # precision, recall, map50, map50_95, f1
-    per_class: list = field(default_factory=list)  # (class id, images, targets, p, r, ap50, f1)
+    # (class id, images, targets, p, r, ap50, ap50_95, f1)
+    per_class: list = field(default_factory=list)
     images: int = 0
     targets: int = 0
     seconds: dict = field(default_factory=dict)    # model, nms, matching, metrics
     detections: list = field(default_factory=list)  # COCO-style dicts, when asked
 
     def table(self, class_names=None):
-        rows = [['Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'F1']]
+        rows = [['Class', 'Images', 'Targets', 'P', 'R', 'mAP@0.5', 'mAP@0.5:0.95', 'F1']]
         m = self.metrics
         rows.append(['all', self.images, self.targets] +
-                    [f'{m[k]:.3f}' for k in ('precision', 'recall', 'map50', 'f1')])
-        for c, images, targets, p, r, ap, f1 in self.per_class:
+                    [f'{m[k]:.3f}' for k in ('precision', 'recall', 'map50', 'map50_95', 'f1')])
+        for c, images, targets, *values in self.per_class:
             name = class_names[c] if class_names and c < len(class_names) else str(c)
-            rows.append([name, images, targets] + [f'{v:.3f}' for v in (p, r, ap, f1)])
+            rows.append([name, images, targets] + [f'{v:.3f}' for v in values])
         return AsciiTable(rows).table
 
 
@@ -48,14 +50,27 @@ def _image_id(path):
     return int(stem) if stem.isdigit() else stem
 
 
-def _coco_rows(detections, path, info):
-    """COCO result dicts for one image, boxes in original image pixels."""
-    boxes = scale_boxes_to_original(detections[:, :4], info).tolist()
+def _coco_rows(detections, path, info=None):
+    """COCO result dicts for one image, boxes in original image pixels (mapped there
+    through the letterbox `info`; None: they are already)."""
+    boxes = detections[:, :4] if info is None else scale_boxes_to_original(detections[:, :4],
+                                                                            info)
+    boxes = boxes.tolist()
     image_id = _image_id(path)
     return [{'image_id': image_id, 'category_id': int(cls), 'score': round(float(score), 5),
              'bbox': [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)]}
             for (x1, y1, x2, y2), score, cls in zip(boxes, detections[:, 4].tolist(),
                                                     detections[:, 5].tolist())]
+
+
+def _original_pixels(detections, labels, info):
+    """One image's detections (n, 6) and labels (m, 5) mapped from letterboxed to original
+    pixels, detections clipped to the image. Matching there scores the boxes a user gets
+    (and --save-json writes, and pycocotools reads): a box reaching into the letterbox
+    padding would otherwise lose IoU that its clipped copy has."""
+    boxes = scale_boxes_to_original(detections[:, :4], info)
+    truth = scale_boxes_to_original(labels[:, 1:], info)
+    return (torch.cat([boxes, detections[:, 4:]], 1), torch.cat([labels[:, :1], truth], 1))
 
 
 def evaluate(model, dataloader, num_classes, conf_thres=0.001, iou_thres=0.5,
@@ -84,13 +99,12 @@ def evaluate(model, dataloader, num_classes, conf_thres=0.001, iou_thres=0.5,
         # (n, 6) image index, class, x1, y1, x2, y2 in letterboxed pixels
         truth = torch.cat([targets[:, :2], xywh2xyxy(targets[:, 2:]) * scale], 1)
         for i, found in enumerate(detections):
-            found = found.cpu()
-            labels = truth[truth[:, 0] == i, 1:]
+            found, labels = _original_pixels(found.cpu(), truth[truth[:, 0] == i, 1:], infos[i])
             matched.append((match_detections(found, labels), found[:, 4], found[:, 5]))
             target_classes.append(labels[:, 0])
             images_with_class[np.unique(labels[:, 0].numpy().astype(int))] += 1
             if collect_json:
-                detections_json += _coco_rows(found, paths[i], infos[i])
+                detections_json += _coco_rows(found, paths[i])
         images += len(imgs)
         seconds['model'] += after_model - start
         seconds['nms'] += after_nms - after_model
@@ -115,7 +129,7 @@ def _summarise(matched, target_classes, images_with_class, num_classes):
                'map50': float(stats.ap50.mean()), 'map50_95': float(stats.ap.mean()),
                'f1': float(stats.f1.mean())}
     per_class = [(int(c), int(images_with_class[c]), int(counts[c]), float(p), float(r),
-                  float(ap), float(f1))
-                 for c, p, r, ap, f1 in zip(stats.classes, stats.precision, stats.recall,
-                                            stats.ap50, stats.f1)]
+                  float(ap), float(ap95), float(f1))
+                 for c, p, r, ap, ap95, f1 in zip(stats.classes, stats.precision, stats.recall,
+                                                  stats.ap50, stats.ap50_95, stats.f1)]
     return Evaluation(metrics, per_class, targets=len(targets))

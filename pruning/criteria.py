@@ -59,10 +59,6 @@ class Criterion:
         `info` is the GraphInfo, `batches` a list of (images, targets) or None."""
         raise NotImplementedError
 
-    def population(self, model, units, keys):
-        """The values --percent counts a share of: one key per channel of a unit."""
-        return torch.cat(keys)
-
     def label(self):
         return self.score_label or f'{self.name} score'
 
@@ -114,11 +110,6 @@ class Gamma(PerConv):
     default_cost = None
     default_max_layer_prune = None
     score_label = '|gamma|'
-
-    def population(self, model, units, keys):
-        """Unranked by cost, the original toolkit's threshold: every conv's own |gamma|,
-        so a group's channel counts once per conv."""
-        return torch.cat([gamma_of(model, i) for unit in units for i in unit])
 
 
 class Uniform(Criterion):

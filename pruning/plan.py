@@ -28,6 +28,10 @@ class PrunePlan:
     masks: dict             # conv layer -> bool tensor over its output channels, True = keep
     criterion: str = 'gamma'
     removed: float = None   # with a target: the share of its measure the plan removes
+    allocation: str = 'threshold'  # or 'sensitivity': per-unit widths from measured losses
+    settings: object = None  # the resolved PruneSettings that chose it (pruning/selection.py)
+    candidates: list = None  # --criterion auto: every plan it tried, best first
+    floored: int = 0         # channels the floors keep that the percent would cut
 
 
 @dataclass
@@ -39,8 +43,12 @@ class Ranking:
     info: GraphInfo
     units: list
     keys: list              # per unit, (C,) float tensor
-    # the values --percent counts a share of (Criterion.population)
-    population: torch.Tensor = None
+
+    @property
+    def population(self):
+        """One key per prunable channel (a shortcut group's channel once): what
+        --percent counts a share of, under every criterion."""
+        return torch.cat(self.keys)
 
 
 def rank_channels(model, mode, criterion='gamma', cost=None, img_size=None, batches=None,
@@ -60,10 +68,10 @@ def rank_channels(model, mode, criterion='gamma', cost=None, img_size=None, batc
                              'grouped conv); try another mode')
     keys = kind.scores(model, info, units, batches)
     if cost is None:
-        return Ranking(criterion, cost, info, units, keys, kind.population(model, units, keys))
+        return Ranking(criterion, cost, info, units, keys)
     costs = channel_costs(model, info, units, cost, img_size)
     keys = [k / c.clamp_min(1) for k, c in zip(keys, costs)]
-    return Ranking(criterion, cost, info, units, keys, torch.cat(keys))
+    return Ranking(criterion, cost, info, units, keys)
 
 
 def safe_count(ordered, keys):
@@ -95,6 +103,7 @@ def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None, 
     least that share of each unit, one channel at least); regular mode never empties
     one. `round_to` rounds kept counts up to its multiples in any mode (regular mode
     without it: powers of two); rounding and floors add the best-scoring channels.
+    The plan counts in `floored` the channels the floors keep that the percent cuts.
     """
     if not 0 <= percent < 1:
         raise UserInputError(f'--percent {percent}: must be in [0, 1), e.g. 0.5 prunes half '
@@ -115,10 +124,12 @@ def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None, 
                              'pass --layer-keep F to keep a share F of every layer')
     masks = {i: torch.ones(layer_module_width(model, i), dtype=torch.bool)
              for i in ranking.info.bn_convs}
+    floored = 0  # channels the floors keep that the percent would cut
     for unit, key in zip(ranking.units, ranking.keys):
         keep = key > threshold
         target = int(keep.sum())
         if layer_keep is not None:
+            floored += max(0, math.ceil(layer_keep * len(key)) - target)
             target = max(target, 1, math.ceil(layer_keep * len(key)))
         target = _rounded_count(target, len(key), round_to, mode)
         if target > keep.sum():  # top up with the best-scoring channels
@@ -126,7 +137,8 @@ def plan_masks(model, mode, percent, layer_keep=None, round_to=None, info=None, 
             keep[key.argsort(descending=True)[:target]] = True
         for i in unit:  # a narrower conv of a partial residual: the first channels
             masks[i] = keep[:len(masks[i])].clone()
-    return PrunePlan(mode, percent, threshold, safe, ranking.units, masks, ranking.criterion)
+    return PrunePlan(mode, percent, threshold, safe, ranking.units, masks, ranking.criterion,
+                     floored=floored)
 
 
 def layer_module_width(model, i):
@@ -171,7 +183,8 @@ def find_percent(model, mode, target, measure, img_size, layer_keep=None, round_
     high = round(1 / resolution) - 1  # a plan exists at step 0; search (0, high]
     if mode != 'regular' and layer_keep is None:
         high = min(high, int(plan_masks(model, mode, 0.0, layer_keep, round_to,
-                                        ranking=ranking).safe_percent / resolution))
+                                        ranking=ranking).safe_percent
+                             / resolution))
     if attempt(high)[1] < target:
         raise UserInputError(
             f'--target-{measure} {target:g}: {mode} mode removes at most {attempt(high)[1]:.1%} '
@@ -210,16 +223,30 @@ def _first_reaching(reaches, low, high, guess=None):
     return high
 
 
-def choose_plan(model, mode, settings, img_size, batches=None, start=None):
-    """The plan resolved `settings` (pruning/settings.py) ask for: at their percent, or at
+def refuse_capped(plan, channels, allow_capped):
+    """A --percent the floors cap by more than 1% of the channels is stopped, saying
+    how much would go, unless the user accepts the capped plan."""
+    if plan.floored > 0.01 * channels and not allow_capped:
+        share = int(plan.percent * channels) - plan.floored
+        raise UserInputError(
+            f'--percent {plan.percent:g}: the per-layer floor keeps {plan.floored} of the '
+            f'channels it would cut, so only {share / channels:.1%} of the prunable channels '
+            'go; pass --allow-capped to accept that, or ask for less')
+
+
+def threshold_plan(model, mode, settings, img_size, batches=None, start=None):
+    """The plan one global threshold over the ranking of resolved `settings`'
+    criterion and cost gives (pruning/settings.py): at their percent, or at
     the percent their target needs, searched from the percent `start` when given (the
     plan then carries `removed`, the share of the target's measure it removes).
     `batches` feed a criterion that scores on data."""
     ranking = rank_channels(model, mode, settings.criterion, settings.ranking_cost, img_size,
                             batches)
     if settings.target is None:
-        return plan_masks(model, mode, settings.percent, settings.layer_keep,
+        plan = plan_masks(model, mode, settings.percent, settings.layer_keep,
                           settings.round_to, ranking=ranking)
+        refuse_capped(plan, len(ranking.population), settings.allow_capped)
+        return plan
     measure, target = settings.target
     _, plan, share = find_percent(model, mode, target, measure, img_size, settings.layer_keep,
                                   settings.round_to, ranking=ranking, start=start)

@@ -144,8 +144,9 @@ def inputs(tmp_path_factory):
     # inputs named like the outputs they would become
     collide = d / 'collide'
     collide.mkdir()
-    shutil.copy(d / 'good.weights', collide / 'sparse.weights')
-    shutil.copy(d / 'good.cfg', collide / 'sparse-normal-0.5.cfg')
+    # prune outputs are named after the cfg: sparse.cfg's are sparse-normal-0.5.*
+    shutil.copy(d / 'good.weights', collide / 'sparse-normal-0.5.weights')
+    shutil.copy(d / 'good.cfg', collide / 'sparse.cfg')
     run = d / 'run'
     run.mkdir()
     shutil.copy(d / 'good.pt', run / 'last.pt')
@@ -296,9 +297,10 @@ CASES = [
     case('prune_normal.py', ['--cfg', C, '--weights', W, '--percent', '-0.1'],
          ['--percent -0.1: must be in [0, 1)', 'e.g. 0.5 prunes half'],
          id='normal-negative-percent'),
-    case('prune_normal.py', ['--cfg', '{d}/collide/sparse-normal-0.5.cfg', '--weights',
-                             '{d}/collide/sparse.weights', '--output-dir', '{d}/collide'],
-         ['{d}/collide/sparse-normal-0.5.cfg: would overwrite an input file',
+    case('prune_normal.py', ['--cfg', '{d}/collide/sparse.cfg', '--weights',
+                             '{d}/collide/sparse-normal-0.5.weights', '--output-dir',
+                             '{d}/collide', '--exist-ok'],
+         ['{d}/collide/sparse-normal-0.5.weights: would overwrite an input file',
           'choose another --output-dir'], id='normal-output-over-inputs'),
     case('prune_normal.py', ['--cfg', C, '--weights', W, '--data', '{d}/not_numbers.data'],
          ["{d}/not_numbers/labels/a.txt:2: not a number in '1 half 0.5 0.2 0.2'",
@@ -535,7 +537,8 @@ def _run_limited(script, argv, limit):
 
 FULL = 'is larger than this file system or the file-size limit (ulimit -f) allows'
 WRITES = [  # script, args, the file whose write fails, byte limit
-    pytest.param('prune_normal.py', ['--cfg', C, '--weights', W, '--output-dir', '{o}'],
+    pytest.param('prune_normal.py', ['--cfg', C, '--weights', W, '--output-dir', '{o}',
+                                     '--exist-ok'],
                  'good-normal-0.5.weights', 20000, id='prune-weights'),
     pytest.param('convert_weights.py', ['--cfg', C, '--weights', W, '--output', '{o}/m.pt'],
                  'm.pt', 20000, id='convert-pt'),
@@ -544,8 +547,8 @@ WRITES = [  # script, args, the file whose write fails, byte limit
     pytest.param('test.py', ['--cfg', C, '--weights', W, '--data', DATA, '--workers', '0',
                              '--img-size', '64', '--metrics-json', '{o}/metrics.json'],
                  'metrics.json', 40, id='test-json'),
-    pytest.param('export.py', ['--cfg', C, '--weights', W, '--output', '{o}/m.onnx'],
-                 'm.onnx', 20000, id='export-onnx'),
+    pytest.param('export.py', ['--cfg', C, '--weights', W, '--output', '{o}/m.onnx',
+                               '--exist-ok'], 'm.onnx', 20000, id='export-onnx'),
 ]
 
 
@@ -633,8 +636,8 @@ INTERRUPTS = [  # script, signal, hook, the outputs a finished run would write
     ('prune_tiny.py', signal.SIGINT, 'cfg', ['good-tiny-0.5.cfg', 'good-tiny-0.5.weights']),
     ('prune_regular.py', signal.SIGTERM, 'load', ['good-regular-0.5.cfg',
                                                    'good-regular-0.5.weights']),
-    ('prune_layer.py', signal.SIGTERM, 'weights', ['blocks-layer-1.cfg',
-                                                    'blocks-layer-1.weights']),
+    ('prune_layer.py', signal.SIGTERM, 'weights', ['residual_blocks-layer-1.cfg',
+                                                    'residual_blocks-layer-1.weights']),
     ('export.py', signal.SIGINT, 'check', ['good.onnx']),
     ('export.py', signal.SIGTERM, 'export', ['good.onnx']),
 ]
@@ -657,7 +660,8 @@ def test_an_interrupted_prune_or_export_writes_nothing(inputs, tmp_path, script,
         (out / name).write_bytes(b'previous ' + name.encode())
     before = _digest(d)
     result = subprocess.run([sys.executable, '-c', HOOKED, ROOT, str(int(signum)), hook,
-                             os.path.join(ROOT, script), *model, '--output-dir', str(out)],
+                             os.path.join(ROOT, script), *model, '--output-dir', str(out),
+                             '--exist-ok'],  # the placeholders stand for an earlier run
                             cwd=ROOT, capture_output=True, timeout=180,
                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
     stdout, stderr = result.stdout.decode(errors='replace'), result.stderr.decode(errors='replace')

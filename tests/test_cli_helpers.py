@@ -16,6 +16,7 @@ from conftest import TEST_CFGS
 import derive_cfg
 from cli import demo
 from cli.common import use_demo
+from darknet.model import Darknet
 from data.datasets import check_classes, default_img_size
 from utils.errors import UserInputError
 from utils.fileio import overwritten_input, refuse_overwrite
@@ -70,7 +71,10 @@ def test_use_demo_fills_only_the_missing_flags():
                            'data': 'mine.data', 'img_size': 64}
     bare = Namespace(cfg=None, weights=None, img_size=None)
     use_demo(bare, demo.TINY, weights=None, data=False)
-    assert vars(bare) == {'cfg': demo.TINY['cfg'], 'weights': None, 'img_size': demo.IMG_SIZE}
+    # no --img-size: the run takes the demo cfg's width, which is the demo's size
+    assert vars(bare) == {'cfg': demo.TINY['cfg'], 'weights': None, 'img_size': None}
+    for spec in (demo.YOLOV3, demo.TINY):
+        assert Darknet(spec['cfg']).hyperparams['width'] == demo.IMG_SIZE
 
 
 def test_default_img_size_takes_the_flag_then_the_cfg_and_checks_the_stride():

@@ -348,8 +348,9 @@ def test_bad_selection_flags_are_refused(argv, words, small_weights, tmp_path):
 
 def test_default_run_writes_the_widths_plot_and_keeps_the_floor(small_weights, tmp_path):
     from pruning.criteria import get_criterion
-    DEFAULT_MAX_LAYER_PRUNE = get_criterion('consumer').default_max_layer_prune
-    result = _run(['--weights', small_weights, '--percent', '0.9'], tmp_path)
+    from pruning.settings import FALLBACK_CRITERION  # the default without training images
+    DEFAULT_MAX_LAYER_PRUNE = get_criterion(FALLBACK_CRITERION).default_max_layer_prune
+    result = _run(['--weights', small_weights, '--percent', '0.9', '--allow-capped'], tmp_path)
     with open(result['widths'], 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
     plan = result['plan']

@@ -230,11 +230,11 @@ def test_cli_writes_a_checked_file(files, tmp_path, capsys):
     code, out, err = _cli(['--cfg', cfg, '--weights', weights, '--img-size', str(IMG),
                            '--output-dir', str(out_dir), '--dynamic-batch'], capsys)
     assert code is None and not err
-    assert os.listdir(out_dir) == ['tiny.onnx']
+    assert os.listdir(out_dir) == ['yolov3-tiny-shapes.onnx']  # named after the cfg
     assert 'onnxruntime vs PyTorch (batch 1 and 2): largest difference' in out
     assert _digest(cfg, weights) == before
     x = _input(2)
-    (theirs,) = _session(out_dir / 'tiny.onnx').run(None, {'images': x})
+    (theirs,) = _session(out_dir / 'yolov3-tiny-shapes.onnx').run(None, {'images': x})
     model = export.load_weights(Darknet(cfg), weights).eval()
     with torch.no_grad():
         ours = model(torch.from_numpy(x)).numpy()
@@ -259,8 +259,8 @@ def test_cli_refuses_to_overwrite_an_input(files, tmp_path, capsys):
     before = _digest(weights)
     code, _, err = _cli(['--cfg', cfg, '--weights', weights, '--output', weights], capsys)
     assert code == 2 and len(err) == 1 and 'would overwrite an input file' in err[0]
-    # a Darknet file named .onnx would be its own default output in its own folder
-    darknet = tmp_path / 'inputs' / 'model.onnx'
+    # a Darknet file named <cfg name>.onnx would be its own default output in its folder
+    darknet = tmp_path / 'inputs' / 'yolov3-tiny-shapes.onnx'
     save_weights(_model(TINY), str(darknet))
     darknet_before = _digest(darknet)
     code, _, err = _cli(['--cfg', cfg, '--weights', str(darknet), '--output-dir',

@@ -145,8 +145,9 @@ def test_removes_exactly_the_chosen_blocks_and_reindexes_every_reference(tmp_pat
     weights = _files(model, tmp_path)
     result = _run(CFG, weights, tmp_path / 'out', '--layers', 2)
     assert [b.shortcut for b in result['removed']] == [4, 7]
-    assert os.path.basename(result['cfg']) == 'sparse-layer-2.cfg'
-    assert os.path.basename(result['weights']) == 'sparse-layer-2.weights'
+    stem = os.path.splitext(os.path.basename(CFG))[0]  # outputs are named after the cfg
+    assert os.path.basename(result['cfg']) == f'{stem}-layer-2.cfg'
+    assert os.path.basename(result['weights']) == f'{stem}-layer-2.weights'
 
     hyperparams, layers = parse_model_cfg(CFG)
     written_hyperparams, written = parse_model_cfg(result['cfg'])
@@ -239,7 +240,7 @@ def test_depth_and_width_in_one_pass_equal_the_two_runs(tmp_path):
     weights = _files(model, tmp_path)
     one = _run(CFG, weights, tmp_path / 'one', '--layers', 2, '--percent', 0.3, '--verbose')
     assert [b.shortcut for b in one['removed']] == [4, 17]
-    assert os.path.basename(one['cfg']) == 'sparse-layer-2-0.3.cfg'
+    assert os.path.basename(one['cfg']) == 'residual_blocks-layer-2-0.3.cfg'  # the cfg's name
     assert one['depth_difference'] < 1e-6 and one['difference'] < 1e-5
 
     depth = _run(CFG, weights, tmp_path / 'depth', '--layers', 2)
@@ -278,8 +279,8 @@ def test_default_layers_is_a_quarter_of_the_removable_blocks(tmp_path):
     weights = _files(randomize_weights(Darknet(CFG), seed=8), tmp_path, 'my-model')
     result = _run(CFG, weights, tmp_path / 'out')
     assert len(result['removed']) == 1  # 4 removable blocks
-    assert sorted(os.listdir(tmp_path / 'out')) == ['my-model-layer-1.cfg',
-                                                   'my-model-layer-1.weights']
+    assert sorted(os.listdir(tmp_path / 'out')) == ['residual_blocks-layer-1.cfg',
+                                                   'residual_blocks-layer-1.weights']
 
 
 def test_common_flags_match_the_channel_prune_scripts():

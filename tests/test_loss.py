@@ -1,11 +1,13 @@
 """The training loss: overlaps against a slow version, assignment against the written rule,
-decoding against the model's own, and a few hundred steps that must learn a box."""
+decoding against the model's own, the vectorised loss against the earlier per-head one
+(tests/loss_reference.py), and a few hundred steps that must learn a box."""
 import math
 import os
 
+import loss_reference
 import pytest
 import torch
-from conftest import TEST_CFGS, randomize_weights
+from conftest import ROOT, TEST_CFGS, randomize_weights
 
 from darknet.loss import bbox_iou, build_targets, compute_loss
 from darknet.model import Darknet
@@ -367,6 +369,108 @@ def test_bad_inputs_are_refused(features_cfg):
         compute_loss(heads[:1], torch.zeros(0, 6), model)
     with pytest.raises(ValueError, match='outside the batch'):
         compute_loss(heads, torch.tensor([[1, 0, 0.5, 0.5, 0.1, 0.1]]), model)
+
+
+# ---------------------------------------------------------------------------- reference
+
+REFERENCE_CFGS = ['one_class', 'features.cfg', 'route_groups2.cfg', 'cfg/yolov3-tiny.cfg',
+                  'cfg/yolov4-tiny.cfg', 'cfg/yolov3.cfg']
+
+
+def _cfg_model(name, one_class_cfg):
+    if name == 'one_class':
+        return Darknet(one_class_cfg).train()
+    return Darknet(os.path.join(ROOT, name) if name.startswith('cfg/')
+                   else os.path.join(TEST_CFGS, name)).train()
+
+
+def _random_batch(model, batch, size, n, seed, dtype=torch.float32):
+    """Random raw heads (leaves, 3x the unit spread, a few tw/th past the loss's cap) and
+    n random targets, a quarter of them on the image border, for `model` at `size`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # sets each yolo layer's stride for this size
+        shapes = [h.shape[1:] for h in model(torch.zeros(1, 3, size, size))]
+    heads = [3 * torch.randn(batch, *shape, generator=generator, dtype=dtype)
+             for shape in shapes]
+    heads[0][0, 0, 0, 0, 2:4] = 20.0  # exp(20) x anchor: capped, not inf
+    classes = max(model.yolo_layers[0].num_classes, 1)
+    xy = torch.rand(n, 2, generator=generator)
+    border = torch.rand(n, 2, generator=generator) < 0.25
+    xy[border] = torch.randint(0, 2, (int(border.sum()),), generator=generator).float()
+    wh = torch.rand(n, 2, generator=generator) ** 2  # many small boxes, a few whole-image
+    targets = torch.cat((torch.randint(0, batch, (n, 1), generator=generator).float(),
+                         torch.randint(0, classes, (n, 1), generator=generator).float(),
+                         xy, wh), 1)
+    return [h.requires_grad_() for h in heads], targets
+
+
+def _both_roads(heads, targets, model, hyp=None):
+    """(loss, items, head gradients) of the new loss and of the reference."""
+    results = []
+    for loss_fn in (compute_loss, loss_reference.compute_loss):
+        loss, items = loss_fn(heads, targets, model, hyp)
+        results.append((loss, items, torch.autograd.grad(loss, heads)))
+    return results
+
+
+def _assert_same(new, old, rtol=1e-5, assigned=True):
+    (loss, items, grads), (ref_loss, ref_items, ref_grads) = new, old
+    assert torch.allclose(loss, ref_loss, rtol=rtol, atol=0)
+    for term, ref_term in zip(items, ref_items):  # box, obj, cls, total
+        assert torch.allclose(term, ref_term, rtol=rtol, atol=rtol * ref_items[3])
+    for grad, ref_grad in zip(grads, ref_grads):  # every head
+        scale = ref_grad.abs().max()
+        assert torch.allclose(grad, ref_grad, rtol=rtol, atol=rtol * scale)
+        assert (ref_grad[..., 4] != 0).all() and (ref_grad[..., :4] != 0).any() == assigned
+
+
+@pytest.mark.parametrize('cfg', REFERENCE_CFGS)
+def test_loss_matches_reference_on_random_batches(cfg, one_class_cfg):
+    model = _cfg_model(cfg, one_class_cfg)
+    for seed, (batch, n) in enumerate([(2, 25), (3, 60)]):
+        heads, targets = _random_batch(model, batch, 64 if 'cfg/' not in cfg else 96, n, seed)
+        _assert_same(*_both_roads(heads, targets, model))
+
+
+@pytest.mark.parametrize('hyp', [
+    {'anchor_t': 1.0}, {'anchor_t': 2.5, 'iou_type': 'giou', 'obj_iou': 0.0},
+    {'iou_type': 'diou', 'label_smoothing': 0.1, 'balance': [4.0, 0.5]},
+    {'iou_type': 'iou', 'obj_iou': 0.4, 'box': 1.0, 'cls': 2.0, 'obj': 0.3}])
+def test_loss_matches_reference_for_every_setting(features_cfg, hyp):
+    model = _model(features_cfg)
+    heads, targets = _random_batch(model, 2, 64, 40, seed=5)
+    _assert_same(*_both_roads(heads, targets, model, hyp))
+
+
+def test_loss_matches_reference_in_float64_and_on_edge_cases(features_cfg):
+    model = _model(features_cfg)
+    heads, targets = _random_batch(model, 2, 64, 30, seed=6, dtype=torch.float64)
+    _assert_same(*_both_roads(heads, targets, model), rtol=1e-10)
+    heads, _ = _random_batch(model, 2, 64, 0, seed=7)
+    empty = _both_roads(heads, torch.zeros(0, 6), model)
+    _assert_same(*empty, assigned=False)
+    assert empty[0][1][0] == 0 and empty[0][1][2] == 0
+    # more targets than anchors: 40 boxes piled on one cell of one image, all four
+    # corners and edges of the image, zero-sized boxes
+    crowd = torch.tensor([[1, c % 2, 0.5 + 0.001 * c, 0.5, 0.1 + 0.01 * c, 0.2]
+                          for c in range(40)])
+    corners = torch.tensor([[0, 0, x, y, w, h] for x in (0.0, 1.0) for y in (0.0, 0.5, 1.0)
+                            for w, h in ((1.0, 1.0), (0.05, 0.02), (0.0, 0.3))])
+    _assert_same(*_both_roads(heads, torch.cat((crowd, corners)), model))
+
+
+def test_loss_never_reads_a_tensor_value(features_cfg):
+    # On the meta device tensors have shapes but no values: any .item(), nonzero, or
+    # branch on a value raises, as it would stall a GPU. The reference does read them.
+    model = _model(features_cfg).to('meta')
+    heads = [h.detach().requires_grad_()
+             for h in model(torch.zeros(2, 3, 64, 64, device='meta'))]
+    targets = torch.zeros(7, 6, device='meta')
+    loss, items = compute_loss(heads, targets, model)
+    loss.backward()
+    assert items.shape == (4,) and heads[0].grad.shape == heads[0].shape
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        loss_reference.compute_loss([h.detach() for h in heads], targets, model)
 
 
 # ---------------------------------------------------------------------------- training

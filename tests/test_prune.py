@@ -117,11 +117,13 @@ def _convs_read_only_by_1x1(layers):
     return {i for i, layer in enumerate(layers) if layer['type'] == 'convolutional'} - read_by_kxk
 
 
-def _percent_cutting(doomed):
+def _percent_cutting(doomed, units):
     """A --percent whose global threshold falls exactly on the doomed channels: the
-    threshold is the |gamma| ranked int(n * percent), so aim between two ranks."""
-    count = sum(int(mask.sum()) for mask in doomed.values())
-    return (count + 0.5) / sum(len(mask) for mask in doomed.values())
+    threshold is the key ranked int(n * percent) among the n prunable channels (a
+    shortcut group's channel counted once, its widest conv's), so aim between two ranks."""
+    widest = [max(unit, key=lambda conv: len(doomed[conv])) for unit in units]
+    count = sum(int(doomed[conv].sum()) for conv in widest)
+    return (count + 0.5) / sum(len(doomed[conv]) for conv in widest)
 
 
 def _least_share(mode):
@@ -245,7 +247,8 @@ def _check_detections_unchanged(cfg, mode, folder, kind):
     doomed = _sparsify(model, units, 11, kind, chosen, _least_share(mode))
     weights = str(folder / 'sparse.weights')
     save_weights(model, weights)
-    result = _run(mode, cfg, weights, folder / 'out', '--percent', _percent_cutting(doomed))
+    result = _run(mode, cfg, weights, folder / 'out', '--percent',
+                  _percent_cutting(doomed, units))
     _check_masks(result['plan'], doomed, mode)
     _check_written_widths(cfg, result['cfg'], mode)
     written = load_weights(Darknet(result['cfg']), result['weights']).eval()
@@ -266,7 +269,8 @@ def _check_compact_matches_keep_size(cfg, mode, folder):
     the consumers, so the compact model equals the keep-size one, and the written files
     reload to the in-memory compact model."""
     model, doomed, weights = _sparse_files(cfg, mode, folder, seed=12, kind='small')
-    result = _run(mode, cfg, weights, folder / 'out', '--percent', _percent_cutting(doomed))
+    result = _run(mode, cfg, weights, folder / 'out', '--percent',
+                  _percent_cutting(doomed, _units(model, mode)))
     _check_masks(result['plan'], doomed, mode)
     _check_written_widths(cfg, result['cfg'], mode)
     assert result['difference'] < 1e-5
@@ -373,7 +377,10 @@ def test_shortcut_groups_keep_one_width_from_the_union_of_masks(tmp_path):
     layers, written = _check_written_widths(RESIDUAL_CHAIN, result['cfg'], 'shortcut')
 
     gammas = {i: _gamma(model, i) for i in prunable}
-    ordered = sorted(torch.cat(list(gammas.values())).tolist())
+    # --percent counts a group's channel once, keyed by its largest |gamma|
+    keys = [torch.stack([gammas[c] for c in unit]).max(0).values
+            for unit in _units(model, 'shortcut')]
+    ordered = sorted(torch.cat(keys).tolist())
     threshold = ordered[int(len(ordered) * 0.4) - 1]
     for group in info.shortcut_groups:
         best = torch.stack([gammas[conv] for conv in group]).max(0).values
@@ -401,14 +408,15 @@ def test_percent_that_empties_a_layer_is_refused_unless_layer_keep(cfg, mode, tm
     weights = str(tmp_path / 'sparse.weights')
     save_weights(model, weights)
 
-    # the largest count of smallest gammas that can go with every unit keeping a channel
+    # the largest count of smallest keys that can go with every unit keeping a channel;
+    # a group's channel has one key, the largest |gamma| of its convs
     gammas = {conv: _gamma(model, conv) for unit in units for conv in unit}
-    ordered = sorted(torch.cat(list(gammas.values())).tolist())
+    keys = [torch.stack([gammas[c] for c in unit]).max(0).values for unit in units]
+    ordered = sorted(torch.cat(keys).tolist())
     total = len(ordered)
 
     def empties(count):
-        return count > 0 and any(max(float(gammas[c].max()) for c in unit) <= ordered[count - 1]
-                                 for unit in units)
+        return count > 0 and any(float(key.max()) <= ordered[count - 1] for key in keys)
     safe_count = max(count for count in range(total + 1) if not empties(count))
     assert 0 < safe_count < total // 2
 
@@ -448,15 +456,15 @@ def test_the_reported_safe_percent_itself_is_accepted(tmp_path):
 # ---------------------------------------------------------------- files and refusals
 
 @pytest.mark.parametrize('mode', MODES)
-def test_output_is_one_cfg_and_one_weights_named_after_the_input(mode, tmp_path):
+def test_output_is_one_cfg_and_one_weights_named_after_the_cfg_and_run(mode, tmp_path):
     weights = str(tmp_path / 'my-model.weights')
     save_weights(randomize_weights(Darknet(SMALL_DETECTOR), seed=16), weights)
     out = tmp_path / 'out'
     result = _run(mode, SMALL_DETECTOR, weights, out, '--percent', 0.3)
-    assert sorted(os.listdir(out)) == [f'my-model-{mode}-0.3-widths.png', f'my-model-{mode}-0.3.cfg',
-                                       f'my-model-{mode}-0.3.weights']
-    assert result['cfg'] == str(out / f'my-model-{mode}-0.3.cfg')
-    assert result['weights'] == str(out / f'my-model-{mode}-0.3.weights')
+    name = f'small_detector-{mode}-0.3'  # <cfg stem>-<mode>-<percent>
+    assert sorted(os.listdir(out)) == [f'{name}-widths.png', f'{name}.cfg', f'{name}.weights']
+    assert result['cfg'] == str(out / f'{name}.cfg')
+    assert result['weights'] == str(out / f'{name}.weights')
 
 
 @pytest.mark.parametrize('percent', ['1.0', '-0.1'])
@@ -500,9 +508,9 @@ def test_cfg_without_prunable_convs_is_refused(tmp_path):
 
 @pytest.mark.parametrize('mode', ['normal', 'regular', 'shortcut'])
 def test_pruned_files_can_be_pruned_again(mode, tmp_path):
-    _, doomed, weights = _sparse_files(RESIDUAL_CHAIN, mode, tmp_path, seed=20, kind='small')
+    model, doomed, weights = _sparse_files(RESIDUAL_CHAIN, mode, tmp_path, seed=20, kind='small')
     first = _run(mode, RESIDUAL_CHAIN, weights, tmp_path / 'first',
-                 '--percent', _percent_cutting(doomed))
+                 '--percent', _percent_cutting(doomed, _units(model, mode)))
     # regular mode rounds widths up again: it needs a deeper cut to narrow a layer
     percent = 0.7 if mode == 'regular' else 0.3
     second = _run(mode, first['cfg'], first['weights'], tmp_path / 'second', '--percent', percent)

@@ -265,11 +265,13 @@ def test_the_comparison_sees_a_moved_random_stream(shapes16, monitored, tmp_path
 
 def test_best_pruned_matches_prune_script_and_test_py(monitored):
     """The two roads: best_pruned.pt pruned by prune_tiny.py at the same target (its
-    default flags, BN recalibrated on the training images), then the written cfg +
+    default flags with the data-free criterion the monitor uses every epoch, BN
+    recalibrated on the training images), then the written cfg +
     weights evaluated by test.py, give the mAP the monitor logged for that epoch."""
     import test as test_py
 
     from cli.prune import main as prune_main
+    from pruning.settings import FALLBACK_CRITERION
     root = monitored[0]
     best = torch.load(root / 'on' / 'best_pruned.pt', weights_only=True)
     rows = _rows(root / 'on')
@@ -282,6 +284,7 @@ def test_best_pruned_matches_prune_script_and_test_py(monitored):
     pruned = prune_main('tiny', ['--cfg', TINY_CFG, '--weights', weights, '--data', shapes,
                                  '--img-size', '128', '--batch-size', '4',
                                  '--workers', '0', '--target-params', '0.6',
+                                 '--criterion', FALLBACK_CRITERION,
                                  '--output-dir', str(root / 'pruned')])
     assert abs(pruned['after']['map50'] - logged) <= 0.005
     assert pruned['before']['map50'] == pytest.approx(float(rows[best['epoch']]['map50']),
@@ -328,7 +331,7 @@ def test_search_from_the_last_percent_finds_the_prune_scripts_plan(kind, target)
     find_percent's bisection from scratch: the same percent and masks from starts below,
     at and above the answer."""
     from darknet.weights import load_weights
-    from pruning.plan import choose_plan
+    from pruning.selection import choose_plan
     from pruning.settings import PruneSettings
     model = load_weights(Darknet(TINY_CFG), TINY_WEIGHTS).eval()
     settings = PruneSettings(target=(kind, target)).resolve('tiny')

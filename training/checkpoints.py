@@ -9,6 +9,8 @@ import os
 import torch
 
 from darknet.weights import torch_load
+from data.datasets import default_img_size
+from training.ema import ModelEMA
 from utils.errors import UserInputError
 from utils.fileio import atomic_output, atomic_write_text
 from utils.plots import pyplot, save_figure
@@ -20,9 +22,16 @@ RESULT_COLUMNS = ('epoch', 'box', 'obj', 'cls', 'distill', 'loss', 'precision', 
 
 
 def save_checkpoint(path, model, optimizer, epoch, best_fitness, settings, extra=None):
-    """`extra`: more entries (the monitor's state, best_pruned.pt's pruned mAP)."""
+    """`extra`: more entries (the monitor's state, best_pruned.pt's pruned mAP).
+    'img_size' is the side the run trains at (--img-size, else the cfg's width): the
+    scripts that read the .pt take it as their default (cli.common.choose_img_size).
+    `model` a `ModelEMA`: 'model' holds the average, 'ema' what --resume needs too."""
+    if isinstance(model, ModelEMA):
+        extra = {**(extra or {}), 'ema': model.resume_state()}
+        model = model.module
     model = unwrap(model)
     checkpoint = {'epoch': epoch, 'best_fitness': best_fitness, 'model': model.state_dict(),
+                  'img_size': default_img_size(model, getattr(settings, 'img_size', None)),
                   'optimizer': optimizer.state_dict(),
                   'cfg': {'hyperparams': model.hyperparams, 'layers': model.module_defs},
                   'args': {k: v for k, v in dataclasses.asdict(settings).items()

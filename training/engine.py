@@ -2,12 +2,22 @@
 `epoch_loop` (each epoch `run_epoch`, then evaluation, the sparsity monitor and
 `commit_epoch`) -> `finish`. train.py turns its flags into `TrainSettings` and calls
 `train`; sparsity penalties and the monitor are training/sparsity.py, distillation
-training/distill.py, the run's files training/checkpoints.py.
+training/distill.py, the average of the weights training/ema.py, the run's files
+training/checkpoints.py.
+
+Speed. With --amp (on by default on CUDA) the forward runs under autocast, in bfloat16
+where the device has it, else float16 with a gradient scaler; the loss, the sparsity
+gradient and proximal step, the optimizer and the checkpoints stay in float32. On CUDA
+the model and the batches are channels-last. The step never waits for the device: the
+loss terms are read back every `LossLog.EVERY` batches, and that read is where a
+non-finite loss stops the run (nothing saved, last.pt keeps the last good epoch).
+Running out of memory ends the run with one line naming the sizes that failed.
 """
 import math
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -25,6 +35,7 @@ from pruning.settings import CALIBRATION_IMAGES
 from training.checkpoints import (append_results, load_resume_checkpoint, plot_gamma_histogram,
                                   plot_pruned_map, save_checkpoint, trim_results)
 from training.distill import distillation_loss, load_teacher
+from training.ema import ModelEMA, live_weights
 from training.sparsity import TARGET_FLAGS, Monitor, Penalty, prunable_bn_modules, sparsity_report
 from utils.errors import UserInputError
 from utils.fileio import signals_held
@@ -58,6 +69,90 @@ def learning_rate(step, epoch, lr0, epochs, warmup_steps, schedule, final_ratio=
     else:  # Darknet's 'steps' policy at 80% and 90% of training
         lr = lr0 * 0.1 ** sum(epoch >= f * epochs for f in (0.8, 0.9))
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+
+
+# ---------------------------------------------------------------- precision, memory, losses
+
+@dataclass
+class Precision:
+    """How the steps compute: the autocast type (None: float32 throughout), the gradient
+    scaler (enabled for float16 only) and whether tensors are channels-last."""
+    dtype: object
+    scaler: object
+    channels_last: bool
+
+    def autocast(self, device):
+        return torch.autocast(device.type, dtype=self.dtype or torch.bfloat16,
+                              enabled=self.dtype is not None)
+
+
+def choose_precision(amp, device):
+    """--amp (None: on for CUDA, off on the CPU, where few kernels gain from it) ->
+    Precision. bfloat16 keeps float32's range, so it needs no scaler; float16, on GPUs
+    without bfloat16, does."""
+    amp = device.type == 'cuda' if amp is None else amp
+    dtype = None
+    if amp:
+        bf16 = device.type != 'cuda' or torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Precision(dtype, scaler, device.type == 'cuda')
+
+
+OUT_OF_MEMORY = getattr(torch, 'OutOfMemoryError', torch.cuda.OutOfMemoryError)
+
+
+@contextmanager
+def memory_guard(settings, what, img_size):
+    """Out of memory inside -> one line with the sizes that failed and what to try."""
+    try:
+        yield
+    except OUT_OF_MEMORY:
+        batch, accumulate = settings.batch_size, settings.accumulate
+        smaller = (f'--batch-size {batch // 2} --accumulate {accumulate * 2}' if batch > 1
+                   else '--batch-size 1')
+        raise UserInputError(f'out of memory in {what} at --batch-size {batch}, --img-size '
+                             f'{img_size}: try {smaller} (the same images per optimizer '
+                             'step), or a smaller --img-size') from None
+
+
+class LossLog:
+    """An epoch's loss terms (box, obj, cls, distill, total per batch), kept on the device
+    and read back every EVERY batches: each read waits for the device, so reading every
+    batch would stall it. A read that finds a non-finite loss stops the run."""
+    EVERY = 10
+
+    def __init__(self, epoch, last_pt, completed):
+        self.epoch, self.last_pt, self.completed = epoch, last_pt, completed
+        self.pending, self.sums, self.batches = [], torch.zeros(5, dtype=torch.float64), 0
+
+    def add(self, items, distill):
+        """One batch's terms; True when this call read them back."""
+        self.pending.append(torch.cat((items[:3], distill, items[3:] + distill)))
+        if len(self.pending) >= self.EVERY:
+            self.read()
+            return True
+        return False
+
+    def read(self):
+        if not self.pending:
+            return
+        rows = torch.stack(self.pending).double().cpu()  # (batches, 5), one wait
+        self.pending = []
+        finite = torch.isfinite(rows).all(1)
+        if not finite.all():
+            bad = int(finite.logical_not().nonzero()[0])
+            kept = (f'{self.last_pt} keeps epoch {self.completed + 1}' if self.completed >= 0
+                    else 'no checkpoint written')
+            raise UserInputError(f'epoch {self.epoch + 1}, batch {self.batches + bad + 1}: the '
+                                 f'loss is {rows[bad, 4].item()}; stopped without saving '
+                                 f'({kept}); try a lower --lr or a longer --warmup-epochs')
+        self.sums += rows.sum(0)
+        self.batches += len(rows)
+
+    def means(self):
+        self.read()
+        return (self.sums / max(self.batches, 1)).tolist()
 
 
 # ---------------------------------------------------------------- the run
@@ -114,6 +209,9 @@ class TrainSettings:
     teacher_weights: str
     distill_weight: float
     seed: int
+    amp: bool = None         # None: on for CUDA, off on the CPU
+    ema: bool = True         # validate and save an average of the weights
+    cache: bool = False      # decoded training images kept in memory
 
     @classmethod
     def from_namespace(cls, namespace):
@@ -124,7 +222,7 @@ def build_model(settings, device, checkpoint):
     if checkpoint is not None:  # the resumed run's own cfg, whatever --cfg says
         cfg = checkpoint['cfg']
         model = Darknet((cfg['hyperparams'], cfg['layers']))
-        model.load_state_dict(checkpoint['model'])
+        model.load_state_dict(live_weights(checkpoint))
     else:
         model = Darknet(settings.cfg)
         img_size = default_img_size(model, settings.img_size)
@@ -172,10 +270,18 @@ class Run:
     completed: int = -1          # the last epoch whose last.pt is written
     penalty: Penalty = None      # -sr
     monitor: Monitor = None      # --target-*: 'mAP if pruned now'
+    precision: Precision = None  # --amp, channels-last
+    ema: ModelEMA = None         # the average of the weights (--ema)
+    log: LossLog = None          # this epoch's losses
 
     @property
     def main_process(self):
         return self.rank == 0
+
+    @property
+    def average(self):
+        """The weights validation, the monitor and the checkpoints use."""
+        return self.model if self.ema is None else self.ema.module
 
     def path(self, name):
         return os.path.join(self.settings.output_dir, name)
@@ -202,6 +308,9 @@ def setup(settings):
 
     torch.manual_seed(settings.seed)
     model = build_model(settings, device, checkpoint)  # a bad cfg: refused before data work
+    precision = choose_precision(settings.amp, device)
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
     data = DataFile(settings.data)
     check_classes(model, data.options, settings.data, 'the cfg',
                   'make a cfg with derive_cfg.py --classes')
@@ -209,9 +318,12 @@ def setup(settings):
     mode = settings.prune
     teacher = (load_teacher(settings.teacher_cfg, settings.teacher_weights, model, device)
                if settings.teacher_cfg else None)
+    if teacher is not None and precision.channels_last:
+        teacher.to(memory_format=torch.channels_last)
     loader, dataset = data.train_loader(img_size, settings.batch_size, model.stride,
                                         settings.augment, settings.workers,
-                                        shards=(rank, world, settings.seed))
+                                        shards=(rank, world, settings.seed),
+                                        cache=settings.cache, pin_memory=device.type == 'cuda')
     valid_loader = None
     if rank == 0:
         valid_loader = data.valid_loader(img_size, settings.batch_size, model.stride, settings.workers)
@@ -221,7 +333,8 @@ def setup(settings):
               make_optimizer(model, settings.lr, settings.momentum, settings.weight_decay, settings.optimizer),
               loader, dataset, valid_loader, data, img_size, mode,
               prunable_bn_modules(model, mode), teacher, checkpoint, steps_per_epoch,
-              round(settings.warmup_epochs * steps_per_epoch))
+              round(settings.warmup_epochs * steps_per_epoch), precision=precision,
+              ema=ModelEMA(model) if settings.ema else None)
     if settings.sr:
         add_sparsity(run)
     restore(run)
@@ -264,6 +377,8 @@ def restore(run):
     run.start_epoch = run.checkpoint['epoch'] + 1
     run.best_fitness = run.checkpoint['best_fitness']
     run.completed = run.start_epoch - 1
+    if run.ema is not None:
+        run.ema.load_resume_state(run.checkpoint['model'], run.checkpoint.get('ema'))
     if run.monitor is not None:
         run.monitor.load_state_dict(run.checkpoint.get('monitor'))
     if run.start_epoch >= run.settings.epochs:
@@ -285,7 +400,10 @@ def describe_run(run):
             (f'; monitoring {run.monitor.label} every {settings.monitor_every} epoch(s)'
              if run.monitor is not None else '') +
             (f'; distilling from {settings.teacher_cfg} (weight {settings.distill_weight:g})'
-             if run.teacher is not None else ''))
+             if run.teacher is not None else '') +
+            (f'; {str(run.precision.dtype).replace("torch.", "")} autocast'
+             if run.precision.dtype is not None else '') +
+            ('; weights averaged (EMA)' if run.ema is not None else ''))
 
 
 def epoch_loop(run):
@@ -298,15 +416,20 @@ def epoch_loop(run):
         for epoch in range(run.start_epoch, run.settings.epochs):
             metrics = run_epoch(run, epoch)
             if run.main_process:
-                metrics.update(epoch_end(run.model, run.valid_loader, run.data.classes, run.mode))
+                with memory_guard(run.settings, 'validation', run.img_size):
+                    metrics.update(epoch_end(run.average, run.valid_loader, run.data.classes,
+                                             run.mode))
                 due = run.monitor is not None and run.monitor.due(epoch, run.settings.epochs)
-                metrics['pruned_map50'] = run.monitor.measure(run.model) if due else ''
+                with memory_guard(run.settings, 'the pruned-mAP monitor', run.img_size):
+                    metrics['pruned_map50'] = run.monitor.measure(run.average) if due else ''
                 commit_epoch(run, epoch, metrics)
                 print_epoch(epoch, run.settings.epochs, metrics, run.monitor)
             barrier()
     except (KeyboardInterrupt, Stop):
         for s in previous:  # a second signal must not cut this save short
             signal.signal(s, signal.SIG_IGN)
+        if run.log is not None:  # a non-finite loss not yet read back: refuse to save
+            run.log.read()
         if run.main_process:  # an epoch in progress is repeated on --resume
             _save(run, 'last.pt', run.completed)
             print(f'stopped with {run.completed + 1} epoch(s) done; saved '
@@ -339,10 +462,12 @@ def commit_epoch(run, epoch, metrics):
 
 
 def _save(run, name, epoch, extra=None):
+    """The average's weights; last.pt also what resuming needs (the live weights)."""
     if run.monitor is not None:
         extra = {**(extra or {}), 'monitor': run.monitor.state_dict()}
     more = (extra,) if extra else ()  # none: the six-argument call tests stand in for
-    save_checkpoint(run.path(name), run.model, run.optimizer, epoch, run.best_fitness,
+    model = run.ema if name == 'last.pt' and run.ema is not None else run.average
+    save_checkpoint(run.path(name), model, run.optimizer, epoch, run.best_fitness,
                     run.settings, *more)
 
 
@@ -351,9 +476,9 @@ def finish(run, epoch):
     if not run.main_process:
         return
     plot = run.path('bn_gammas.png')
-    if run.bn_modules:
+    if run.bn_modules:  # the saved weights' gammas
         title = f'{os.path.basename(run.settings.output_dir)}: {run.mode} set, epoch {epoch + 1}'
-        plot_gamma_histogram(run.bn_modules, plot, title)
+        plot_gamma_histogram(prunable_bn_modules(run.average, run.mode), plot, title)
     written = [run.path('last.pt'), run.path('best.pt'), 'results.csv'] + (
         [plot] if run.bn_modules else [])
     if run.monitor is not None:
@@ -364,7 +489,7 @@ def finish(run, epoch):
 
 def run_epoch(run, epoch):
     """One pass over the training data; returns the mean losses and the last lr."""
-    settings, model, optimizer, device = run.settings, run.model, run.optimizer, run.device
+    settings, model, optimizer = run.settings, run.model, run.optimizer
     run.net.train()
     frozen = frozen_parameters(model, settings.freeze, epoch, settings.freeze_epochs)
     if frozen:  # frozen layers keep their BatchNorm statistics too
@@ -373,7 +498,7 @@ def run_epoch(run, epoch):
     run.loader.sampler.set_epoch(epoch)
     if run.penalty is not None:
         run.penalty.start_epoch(epoch)
-    totals, batches, start = torch.zeros(5), 0, time.time()  # box obj cls distill total
+    run.log, start = LossLog(epoch, run.path('last.pt'), run.completed), time.time()
     bar = tqdm(run.loader, desc=f'epoch {epoch + 1}/{settings.epochs}', leave=False,
                disable=not run.main_process)
     optimizer.zero_grad()
@@ -383,39 +508,69 @@ def run_epoch(run, epoch):
         lr = learning_rate(step, epoch, settings.lr, settings.epochs, run.warmup_steps, settings.schedule)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        imgs, targets = imgs.to(device, non_blocking=True), targets.to(device)
-        if settings.multi_scale:  # a random side in [0.5, 1.5] x img_size, a multiple of the stride
-            stride, img_size = model.stride, run.img_size
-            low, high = max(1, img_size // 2 // stride), (img_size * 3 // 2) // stride
-            size = int(torch.randint(low, high + 1, (1,), generator=generator)) * stride
-            imgs = F.interpolate(imgs, size=(size, size), mode='bilinear', align_corners=False)
+        imgs = batch_images(run, imgs, generator)
+        with memory_guard(settings, 'training', imgs.shape[-1]):
+            items, distill = train_step(run, imgs, targets.to(run.device, non_blocking=True))
+            if (i + 1) % settings.accumulate == 0 or i + 1 == len(run.loader):
+                optimizer_step(run, lr, frozen)
+        if run.log.add(items, distill):
+            bar.set_postfix(loss=f'{run.log.sums[4] / run.log.batches:.3f}', lr=f'{lr:.2g}')
+    box, obj, cls, distill, total = run.log.means()
+    run.log = None
+    return {'box': box, 'obj': obj, 'cls': cls, 'distill': distill, 'loss': total, 'lr': lr,
+            'seconds': time.time() - start}
+
+
+def batch_images(run, imgs, generator):
+    """The batch on the device, channels-last on CUDA; --multi-scale resizes it to a
+    random side in [0.5, 1.5] x img_size, a multiple of the stride."""
+    layout = torch.channels_last if run.precision.channels_last else torch.preserve_format
+    imgs = imgs.to(run.device, non_blocking=True, memory_format=layout)
+    if run.settings.multi_scale:
+        stride, img_size = run.model.stride, run.img_size
+        low, high = max(1, img_size // 2 // stride), (img_size * 3 // 2) // stride
+        size = int(torch.randint(low, high + 1, (1,), generator=generator)) * stride
+        imgs = F.interpolate(imgs, size=(size, size), mode='bilinear', align_corners=False)
+    return imgs
+
+
+def train_step(run, imgs, targets):
+    """Forward (under autocast with --amp), the loss in float32, backward; returns the
+    per-image loss terms and the distillation term, detached, on the device."""
+    taught = None
+    with run.precision.autocast(run.device):
         heads = run.net(imgs)
-        loss, items = compute_loss(heads, targets, model)
-        distill = torch.zeros(1, device=device)
         if run.teacher is not None:
             with torch.no_grad():
                 taught = run.teacher(imgs, raw=True)
-            distill = settings.distill_weight * distillation_loss(heads, taught).reshape(1)
-            loss = loss + distill * imgs.shape[0]
-        # DDP averages gradients over processes; scale back to the sum over all images
-        (loss * run.world).backward()
-        if (i + 1) % settings.accumulate == 0 or i + 1 == len(run.loader):
-            if run.penalty is not None:
-                run.penalty.add_gradient()
-            for p in frozen:  # the optimizer skips a parameter without a gradient
-                p.grad = None
-            optimizer.step()
-            if run.penalty is not None:  # before zero_grad: frozen gammas have no gradient
-                run.penalty.proximal_step(lr)
-            optimizer.zero_grad()
-        items = items.detach().cpu()
-        distill = distill.detach().cpu()
-        totals += torch.cat((items[:3], distill, items[3:] + distill))
-        batches += 1
-        bar.set_postfix(loss=f'{totals[4] / batches:.3f}', lr=f'{lr:.2g}')
-    box, obj, cls, distill, total = (totals / max(batches, 1)).tolist()
-    return {'box': box, 'obj': obj, 'cls': cls, 'distill': distill, 'loss': total, 'lr': lr,
-            'seconds': time.time() - start}
+    heads = [h.float() for h in heads]  # the loss in float32, whatever the forward ran in
+    loss, items = compute_loss(heads, targets, run.model)
+    distill = torch.zeros(1, device=run.device)
+    if taught is not None:
+        taught = [t.float() for t in taught]
+        distill = run.settings.distill_weight * distillation_loss(heads, taught).reshape(1)
+        loss = loss + distill * imgs.shape[0]
+    # DDP averages gradients over processes; scale back to the sum over all images
+    run.precision.scaler.scale(loss * run.world).backward()
+    return items, distill.detach()
+
+
+def optimizer_step(run, lr, frozen):
+    """The sparsity gradient joins the (unscaled) gradients, the optimizer steps the
+    float32 weights, the proximal step follows, then the average."""
+    scaler, optimizer = run.precision.scaler, run.optimizer
+    scaler.unscale_(optimizer)  # float16 only: the penalty is added to true gradients
+    if run.penalty is not None:
+        run.penalty.add_gradient()
+    for p in frozen:  # the optimizer skips a parameter without a gradient
+        p.grad = None
+    scaler.step(optimizer)  # float16: skipped when a gradient overflowed
+    scaler.update()
+    if run.penalty is not None:  # before zero_grad: frozen gammas have no gradient
+        run.penalty.proximal_step(lr)
+    optimizer.zero_grad()
+    if run.ema is not None:
+        run.ema.update()
 
 
 def epoch_end(model, valid_loader, classes, mode):

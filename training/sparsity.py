@@ -41,7 +41,8 @@ import torch
 from pruning.calibration import recalibrate_bn
 from pruning.criteria import consumer_reach, get_criterion, stack_unit
 from pruning.graph import prunable_convs, prunable_units
-from pruning.plan import choose_plan, safe_count
+from pruning.plan import safe_count
+from pruning.selection import choose_plan
 from pruning.settings import PruneSettings
 from pruning.surgery import prune
 from utils.errors import UserInputError
@@ -85,7 +86,7 @@ def sparsity_report(model, mode, small=0.01):
         return {'channels': 0, 'share_small': 0.0, 'max_safe_percent': 0.0}
     gamma = get_criterion('gamma')
     keys = gamma.scores(model, info, units)
-    ordered = gamma.population(model, units, keys).sort().values
+    ordered = torch.cat(keys).sort().values  # a shortcut group's channel once
     return {'channels': len(ordered), 'share_small': float((ordered < small).float().mean()),
             'max_safe_percent': safe_count(ordered, keys) / len(ordered)}
 
@@ -243,8 +244,8 @@ class Monitor:
         self.percent = None  # the percent of the last plan: where the next search starts
         self.best = -1.0  # the best pruned mAP so far (best_pruned.pt)
         self.seconds = 0.0
-        # the prune scripts' defaults at this target (no data criterion: no batches)
-        settings = (PruneSettings(percent=value) if kind == 'percent'
+        # the prune scripts' data-free defaults at this target: every epoch, cheaply
+        settings = (PruneSettings(percent=value, allow_capped=True) if kind == 'percent'
                     else PruneSettings(target=(kind, value)))
         self.settings = settings.resolve(mode)
 

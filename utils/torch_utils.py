@@ -1,7 +1,9 @@
 """Devices, timing, parameter counts and process-group helpers."""
 import os
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -132,3 +134,66 @@ def interleaved_medians(runs, rounds=7, warmup=1):
             run()
             seconds.append(time.perf_counter() - start)
     return [sorted(t)[len(t) // 2] for t in times]
+
+
+# ---------------------------------------------------------------- latency of two models
+
+@dataclass
+class RatioTiming:
+    """Two runs timed in interleaved rounds. `ratio` is the median over the rounds of
+    second / first (each round's pair shares the machine's moment), `spread` half the
+    interquartile range of those per-round ratios; `stable` says the spread is within
+    the tolerance the timing was asked for."""
+    first: float    # median seconds of one call of the first run
+    second: float   # the same for the second run
+    ratio: float
+    spread: float
+    rounds: int
+    stable: bool
+
+
+def ratio_spread(first_times, second_times):
+    """(median, half the interquartile range) of the per-round ratios second / first."""
+    ratios = np.asarray(second_times, float) / np.asarray(first_times, float)
+    low, median, high = np.percentile(ratios, [25, 50, 75])
+    return float(median), float(high - low) / 2
+
+
+def interleaved_ratio(first, second, min_rounds=5, max_rounds=40, budget=5.0, tolerance=0.1,
+                      warmup=1, clock=time.perf_counter):
+    """Time the zero-argument callables `first` and `second` in rounds (first, second,
+    first, second, ...) until, after `min_rounds`, the spread of the per-round ratio is
+    at most `tolerance` of the ratio, or `budget` seconds or `max_rounds` rounds are
+    spent. One call of each per round: a slower moment of the machine hits both alike,
+    and its effect on the ratio shows as spread instead of hiding in one of the two
+    figures. `clock` is the time source (a test passes a fake one)."""
+    for _ in range(warmup):
+        first()
+        second()
+    times, start = ([], []), clock()
+    while True:
+        for run, seconds in zip((first, second), times):
+            before = clock()
+            run()
+            seconds.append(clock() - before)
+        rounds = len(times[0])
+        ratio, spread = ratio_spread(*times)
+        stable = spread <= tolerance * ratio
+        if rounds >= min_rounds and (stable or clock() - start >= budget or rounds >= max_rounds):
+            return RatioTiming(float(np.median(times[0])), float(np.median(times[1])), ratio,
+                               spread, rounds, bool(stable))
+
+
+def forward_runner(model, img_size):
+    """A zero-argument callable: one batch-1 forward of the inference-ready copy of
+    `model` (BN folded into the convs, `Darknet.fuse`), synchronised on CUDA; `model` is
+    left as it was."""
+    fused = model.fuse().eval()
+    device = next(fused.parameters()).device
+    x = torch.rand(1, model.hyperparams.get('channels', 3), img_size, img_size, device=device)
+
+    def run():
+        with torch.no_grad():
+            fused(x)
+        synchronize(device)
+    return run
