@@ -39,7 +39,7 @@ from evaluation.evaluate import evaluate  # noqa: E402
 from pruning.calibration import recalibrate_bn  # noqa: E402
 from pruning.criteria import CRITERIA  # noqa: E402
 from pruning.selection import choose_plan, describe_settings, split_images  # noqa: E402
-from pruning.settings import AUTO, PruneSettings  # noqa: E402
+from pruning.settings import AUTO, HELD_OUT_IMAGES, PruneSettings  # noqa: E402
 from pruning.surgery import prune  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
@@ -238,7 +238,8 @@ def report(args):
              f'{os.cpu_count()} CPU cores. mAP@0.5 on each model\'s validation set at '
              f'{demo.IMG_SIZE}x{demo.IMG_SIZE} of what the prune script writes with the '
              'candidate\'s flags at --target-params T (BN means recalibrated on 128 training '
-             'images). Auto scores its candidates on 64 further training images.', '',
+             f'images). Auto scores its candidates on {HELD_OUT_IMAGES} further training '
+             'images.', '',
              '## Auto against the best single criterion', ''] + summary
     if gaps:
         lines += ['', f'Auto is within {-min(gaps):.3f} of the best single criterion on every '

@@ -34,13 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 from cli import demo  # noqa: E402
-from cli.prune import write_outputs  # noqa: E402
 from darknet.cfg import parse_data_cfg  # noqa: E402
 from darknet.model import Darknet  # noqa: E402
 from darknet.weights import darknet_float_count, load_weights  # noqa: E402
 from data.datasets import create_dataloader  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
 from pruning.plan import find_percent  # noqa: E402
+from pruning.report import write_outputs  # noqa: E402
 from pruning.surgery import prune  # noqa: E402
 from train import main as train_main  # noqa: E402
 from utils.errors import UserInputError  # noqa: E402
@@ -184,7 +184,8 @@ def pruned_rows(family, spec, modes, sparse, args):
 def pruned_row(family, name, mode, compact, full, spec, args, extra):
     folder = os.path.join(args.work_dir, family, name.replace(' ', '-'))
     cfg, weights = os.path.join(folder, 'pruned.cfg'), os.path.join(folder, 'pruned.weights')
-    write_outputs(compact, cfg, weights, folder)
+    os.makedirs(folder, exist_ok=True)
+    write_outputs(compact, cfg, weights)
     row = {'family': family, 'model': name, 'mode': mode, **extra, **describe(compact),
            'removed': 1 - count_parameters(compact) / full, 'map_pruned': map50(compact)}
     started = time.time()

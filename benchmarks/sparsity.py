@@ -33,9 +33,8 @@ from cli.prune import CALIBRATION_IMAGES  # noqa: E402
 from darknet.cfg import parse_data_cfg  # noqa: E402
 from darknet.model import Darknet  # noqa: E402
 from darknet.weights import load_weights  # noqa: E402
-from data.datasets import create_dataloader  # noqa: E402
+from data.datasets import DataFile, create_dataloader  # noqa: E402
 from evaluation.evaluate import evaluate  # noqa: E402
-from pruning.calibration import calibration_batches  # noqa: E402
 from train import main as train_main  # noqa: E402
 from training.sparsity import Monitor  # noqa: E402
 from utils.fileio import atomic_write_text  # noqa: E402
@@ -76,8 +75,8 @@ def pruned_map(cfg, weights, mode, target):
     loader, _ = create_dataloader(options['valid'], demo.IMG_SIZE, 16, options['classes'],
                                   rect=True, workers=2, stride=model.stride)
     score = lambda m: evaluate(m, loader, options['classes'], progress=False).metrics['map50']
-    load = lambda: calibration_batches(demo.DATA, demo.IMG_SIZE, CALIBRATION_IMAGES, 16,
-                                       model.stride, 2)
+    load = lambda: DataFile(demo.DATA).training_batches(CALIBRATION_IMAGES, demo.IMG_SIZE, 16,
+                                                        model.stride, 2)
     monitor = Monitor(mode, 'params', target, demo.IMG_SIZE, score, load)
     return score(model), monitor.measure(model)
 

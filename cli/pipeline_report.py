@@ -11,15 +11,9 @@ monitor's curve.
 import json
 import os
 
-from cli.pipeline_stages import score_model
+from cli.pipeline_stages import monitor_batches, pruned_at
 from darknet.model import Darknet
 from darknet.weights import load_weights
-from pruning.calibration import recalibrate_bn
-from pruning.report import measure
-from pruning.selection import choose_plan
-from pruning.settings import CALIBRATION_IMAGES, PruneSettings
-from pruning.surgery import prune
-from utils.errors import UserInputError
 from utils.fileio import atomic_write_text
 from utils.plots import pyplot, save_figure
 from utils.torch_utils import select_device
@@ -36,29 +30,20 @@ def sweep_targets(value):
 
 
 def sweep(ctx, done):
-    """One row per sweep target: the share asked, the share removed, parameters, MACs and
-    mAP@0.5 of the sparse model pruned there (None where the mode cannot reach it)."""
+    """One row per sweep target: the share asked and pruned_at's figures of the kept
+    sparse model there (the share removed and the mAP None where out of reach)."""
     args, (kind, value) = ctx.args, ctx.target
     model = load_weights(Darknet(args.cfg), done['2-sparsity']['weights'])
     model = model.to(select_device(args.device)).eval()
-    batches = ctx.data.training_batches(CALIBRATION_IMAGES, ctx.img_size, args.batch_size,
-                                        model.stride, args.workers)
+    batches = monitor_batches(ctx, model.stride)
     rows = []
     for share in sweep_targets(value):
-        settings = PruneSettings(target=(kind, share)).resolve(ctx.mode)
-        try:
-            plan = choose_plan(model, ctx.mode, settings, ctx.img_size)
-        except UserInputError:
-            rows.append({'target': share, 'removed': None, 'map50': None})
-            continue
-        _, compact = prune(model, plan)
-        recalibrate_bn(compact, batches)
-        figures = measure(compact, ctx.img_size, lambda m: score_model(ctx, m))
-        rows.append({'target': share, 'removed': plan.removed, 'percent': plan.percent,
-                     'params': figures['params'], 'macs': figures['macs'],
-                     'map50': figures['map50']})
-        print(f'sweep: --target-{kind} {share:g}: {figures["params"] / 1e6:.3f}M parameters, '
-              f'mAP@0.5 {figures["map50"]:.4f} (as cut, BN recalibrated)', flush=True)
+        figures = pruned_at(ctx, model, share, batches) or {'removed': None, 'map50': None}
+        rows.append({'target': share, **figures})
+        if figures['map50'] is not None:
+            print(f'sweep: --target-{kind} {share:g}: {figures["params"] / 1e6:.3f}M '
+                  f'parameters, mAP@0.5 {figures["map50"]:.4f} (as cut, BN recalibrated)',
+                  flush=True)
     return rows
 
 
@@ -106,12 +91,15 @@ def stage_rows(done):
     start, sparse, pruned = done['1-evaluate'], done['2-sparsity'], done['3-prune']
     tuned, final = done['4-finetune'], done['5-final']
     before, after = pruned['before'], pruned['after']
-    stop = ('stopped early: pruned mAP caught up' if sparse['stopped_early'] else
+    stop = ('not needed: the input had caught up' if sparse['epochs'] == 0 else
+            'stopped early: pruned mAP caught up' if sparse['stopped_early'] else
             'caught up at the last epoch' if sparse['caught_up'] else 'did not catch up')
+    monitor = ('' if sparse['pruned_map50'] is None else
+               f'; pruned at the target by the monitor: {sparse["pruned_map50"]:.4f}')
     rows = [
         ('1 evaluate', 'input', start, _latency(done, 'original'), start['seconds']),
-        ('2 sparsity', f'best_pruned.pt, epoch {sparse["epoch"]} of {sparse["epochs"]} run '
-         f'({stop})', before, _latency(done, 'original'), sparse['seconds']),
+        ('2 sparsity', f'{os.path.basename(sparse["weights"])}, epoch {sparse["epoch"]} of '
+         f'{sparse["epochs"]} run ({stop}{monitor})', before, _latency(done, 'original'), sparse['seconds']),
         ('3 prune', f'{pruned["criterion"]}, as cut',
          {**after, 'map50': after['map50_as_cut'], 'map50_95': None}, '', None),
         ('3 prune', 'BN recalibrated', after, _latency(done, 'pruned'), pruned['seconds']),
@@ -139,6 +127,13 @@ def sweep_table(rows, kind):
                            'mAP@0.5 (as cut, BN recalibrated)'], body)
 
 
+def monitor_section(sparse):
+    if sparse['epochs'] == 0:
+        return (f'No sparsity training: the input pruned at the target already scored '
+                f'{sparse["pruned_map50"]:.4f} against {sparse["map50"]:.4f} unpruned.')
+    return '![monitor](2-sparsity/pruned_map.png)'
+
+
 def report_text(ctx, done, rows, record):
     """report.md: the command, the inputs, the stage table, the plots and the sweep."""
     args, (kind, value) = ctx.args, ctx.target
@@ -159,13 +154,13 @@ def report_text(ctx, done, rows, record):
                         'latency (ms)', 'time (s)'], stage_rows(done)), '',
         f'Latency: {latency}. Time: the wall time of the attempt that finished each stage. '
         'The final mAP is measured on the written files; test.py gives the same figure:', '',
-        f'    python test.py --cfg {here(final["files"][0])} --weights '
-        f'{here(final["files"][1])} --data {args.data} --img-size {ctx.img_size} '
+        f'    python test.py --cfg {final["files"][0]} --weights {final["files"][1]} '
+        f'--data {args.data} --img-size {ctx.img_size} '
         f'--batch-size {args.batch_size}', '',
         f'## Widths (stage 3, {pruned["criterion"]})', '',
         f'![widths]({here(pruned["widths"])})', '',
         '## Sparsity training: the monitor', '',
-        '![monitor](2-sparsity/pruned_map.png)', '',
+        monitor_section(done['2-sparsity']), '',
         '## Smaller or larger models', '',
         'Each pruned from the same sparse model with the monitor\'s data-free plan, BN '
         'recalibrated, not fine-tuned:', '',

@@ -18,18 +18,21 @@ from darknet.model import Darknet
 from darknet.weights import load_weights
 from deploy.onnx_export import export_onnx
 from evaluation.evaluate import evaluate
+from pruning.calibration import recalibrate_bn
 from pruning.report import measure, write_outputs
-from pruning.selection import describe_settings
-from pruning.settings import CALIBRATION_IMAGES, HELD_OUT_IMAGES
+from pruning.selection import choose_plan, describe_settings
+from pruning.settings import CALIBRATION_IMAGES, HELD_OUT_IMAGES, PruneSettings
+from pruning.surgery import prune
 from training.checkpoints import plot_pruned_map
 from training.engine import TrainSettings
 from training.stopping import results_row, train_until
+from utils.errors import UserInputError
 from utils.torch_utils import select_device
 
 FINAL_FILES = ('final.cfg', 'final.weights', 'final.onnx')
-# the training recipe both training stages share: train.py's defaults, except the
-# sparsity stage's penalty (docs/training.md: l1 at s 0.005 as a proximal step with the
-# step schedule closed the gap to the unpruned mAP first on the demo)
+# the training recipe both training stages share: train.py's defaults but the learning
+# rate (--lr); the sparsity stage adds the penalty docs/training.md found to close the gap
+# to the unpruned mAP first (l1 at s 0.005 as a proximal step)
 TRAINING = dict(cutoff=None, weights_cfg=None, freeze=0, freeze_epochs=1, accumulate=1,
                 multi_scale=False, augment=True, optimizer='sgd', momentum=0.937,
                 weight_decay=5e-4, schedule='cos', warmup_epochs=1.0, resume=False,
@@ -37,7 +40,7 @@ TRAINING = dict(cutoff=None, weights_cfg=None, freeze=0, freeze_epochs=1, accumu
                 target_params=None, target_gmacs=None, target_percent=None, monitor_every=1,
                 teacher_cfg=None, teacher_weights=None, distill_weight=1.0, amp=None, ema=True,
                 cache=False)
-SPARSITY = dict(sr=True, proximal=True, schedule='step')
+SPARSITY = dict(sr=True, proximal=True)
 TRAIN_MODE = {'regular': 'normal'}  # train.py --prune: regular penalises normal's set
 
 
@@ -54,6 +57,28 @@ def score_model(ctx, model):
     loader = ctx.data.valid_loader(ctx.img_size, ctx.args.batch_size, model.stride,
                                    ctx.args.workers)
     return evaluate(model, loader, ctx.data.classes, progress=False).metrics
+
+
+def monitor_batches(ctx, stride):
+    """The training images the sparsity monitor recalibrates on (the same ones)."""
+    return ctx.data.training_batches(CALIBRATION_IMAGES, ctx.img_size, ctx.args.batch_size,
+                                     stride, ctx.args.workers)
+
+
+def pruned_at(ctx, model, share, batches):
+    """`model` pruned to remove `share` of the target's measure as the sparsity monitor
+    prunes (its data-free plan, BN recalibrated on `batches`, no fine-tuning): {'removed',
+    'percent', 'params', 'macs', 'map50'}, or None where the mode cannot reach it."""
+    settings = PruneSettings(target=(ctx.target[0], share)).resolve(ctx.mode)
+    try:
+        plan = choose_plan(model, ctx.mode, settings, ctx.img_size)
+    except UserInputError:
+        return None
+    _, compact = prune(model, plan)
+    recalibrate_bn(compact, batches)
+    figures = measure(compact, ctx.img_size, lambda m: score_model(ctx, m))
+    return {'removed': plan.removed, 'percent': plan.percent, 'params': figures['params'],
+            'macs': figures['macs'], 'map50': figures['map50']}
 
 
 def train_settings(ctx, **fields):
@@ -85,14 +110,25 @@ def caught_up(row, base, tolerance):
 
 
 def sparsity(ctx, done):
-    """Stage 2: sparsity training with the monitor at the target, stopped by caught_up."""
+    """Stage 2: sparsity training with the monitor at the target, stopped by caught_up;
+    none when the input, pruned as the monitor prunes, has caught up already."""
     folder, args = ctx.path('2-sparsity'), ctx.args
     kind, value = ctx.target
     base = done['1-evaluate']['map50']
+    device = select_device(args.device)
+    start = pruned_at(ctx, ctx.model.to(device).eval(), value,
+                      monitor_batches(ctx, ctx.model.stride)) or {'map50': math.nan}
+    row = {'map50': base, 'pruned_map50': start['map50']}
+    print(f'the input pruned at the target (as the monitor prunes): mAP@0.5 '
+          f'{start["map50"]:.4f} against {base:.4f} unpruned')
+    if caught_up(row, base, args.tolerance):
+        print(f'within {args.tolerance:g}: no sparsity training needed; stage 3 prunes the input')
+        return {'weights': args.weights, 'epoch': 0, 'epochs': 0, 'stopped_early': True,
+                'caught_up': True, 'map50': base, 'pruned_map50': start['map50']}
     settings = train_settings(ctx, cfg=args.cfg, weights=args.weights, output_dir=folder,
                               epochs=args.sparsity_epochs, **SPARSITY,
                               **{f'target_{kind}': value})
-    print(f'sparsity training: s {args.s} (proximal, step schedule), {ctx.mode} mode, at most '
+    print(f'sparsity training: s {args.s} (proximal), {ctx.mode} mode, at most '
           f'{args.sparsity_epochs} epochs; stops once the mAP pruned at the target is within '
           f'{args.tolerance:g} of the unpruned one and of the input\'s {base:.4f}')
     outcome = train_until(settings, lambda row: caught_up(row, base, args.tolerance))

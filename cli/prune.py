@@ -20,13 +20,15 @@ from darknet.weights import load_weights
 from data.datasets import DataFile, check_classes
 from evaluation.evaluate import evaluate
 from pruning.calibration import recalibrate_bn
+from pruning.costs import COSTS
 from pruning.criteria import CRITERIA
 from pruning.report import (LATENCY_GMACS, compare_latency, describe_plan, latency_warnings,
                             layer_table, map_advice, measure, plot_widths, summary_table,
                             time_latency, write_outputs)
 from pruning.selection import auto_table, choose_plan, describe_settings, split_images
 from pruning.settings import (ALLOCATIONS, AUTO, CALIBRATION_IMAGES, DEFAULT_CRITERION,
-                              DEFAULT_PERCENT, DEFAULT_ROUND_TO, FALLBACK_CRITERION, PruneSettings)
+                              DEFAULT_PERCENT, DEFAULT_ROUND_TO, FALLBACK_CRITERION, TARGETS,
+                              PruneSettings)
 from pruning.surgery import output_difference, prune
 from utils.fileio import refuse_overwrite, require_output_dir
 from utils.torch_utils import select_device
@@ -62,6 +64,10 @@ def get_args_parser(mode):
     target.add_argument('--target-params', type=float, metavar='F',
                         help='find the smallest percent that removes the share F of the '
                              'parameters (0.85: 85%%), instead of --percent')
+    target.add_argument('--target-latency', type=float, metavar='F',
+                        help='the same for the latency, as a table of each layer measured on '
+                             '--device predicts it (ONNX Runtime on CPU; cached in '
+                             'runs/latency-cache; docs/speed.md): 0.6 removes 60%%')
     target.add_argument('--target-gmacs', type=float, metavar='F',
                         help='the same for the multiply-accumulates (GMACs) at --img-size')
     add_selection_args(parser, mode)
@@ -83,10 +89,10 @@ def add_selection_args(parser, mode):
                              'the criterion\'s scores, or from each layer\'s measured loss '
                              'increase when cut (sensitivity; needs --data with a train= '
                              'list) (default threshold)')
-    parser.add_argument('--cost', choices=('params', 'macs', 'none'),
-                        help='rank channels by importance per parameter or MAC they save '
-                             '(default: params, macs with --target-gmacs; none with '
-                             '--criterion gamma)')
+    parser.add_argument('--cost', choices=(*COSTS, 'none'),
+                        help='rank channels by importance per parameter, MAC or measured '
+                             'second they save (default: params; macs with --target-gmacs, '
+                             'latency with --target-latency; none with --criterion gamma)')
     floor = parser.add_mutually_exclusive_group()
     floor.add_argument('--max-layer-prune', type=float, metavar='F',
                        help='cut at most the share F of any layer (default 0.9; none with '
@@ -111,7 +117,7 @@ def add_selection_args(parser, mode):
 
 def settings_from_args(args):
     """The PruneSettings the selection flags describe (not yet resolved)."""
-    target = next(((kind, getattr(args, f'target_{kind}')) for kind in ('params', 'gmacs')
+    target = next(((kind, getattr(args, f'target_{kind}')) for kind in TARGETS
                    if getattr(args, f'target_{kind}', None) is not None), None)
     return PruneSettings(criterion=args.criterion, allocate=args.allocate, cost=args.cost,
                          max_layer_prune=args.max_layer_prune, layer_keep=args.layer_keep,
@@ -250,7 +256,8 @@ def main(mode, argv=None):
     if plan.removed is not None:
         kind, value = settings.target
         print(f'--target-{kind} {value:g}: --percent {plan.percent:.4f} removes '
-              f'{plan.removed:.2%} of the {kind}')
+              f'{plan.removed:.2%} of the {kind}'
+              + (' (as the measured table predicts)' if kind == 'latency' else ''))
     cfg_path, weights_path = output_paths(args, f'{mode}-{plan.percent:g}')
     keep_size, compact = prune(model, plan)
     # the two models must agree on any input; a small one keeps the check quick

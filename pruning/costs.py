@@ -6,7 +6,7 @@ import torch
 
 from pruning.graph import consumer_columns, conv_width, input_positions
 
-COSTS = ('params', 'macs')
+COSTS = ('params', 'macs', 'latency')  # latency: pruning/latency.py's measured table
 
 
 def _own_cost(model, conv, measure):

@@ -12,6 +12,7 @@ from darknet.model import Darknet
 from pruning.costs import channel_costs
 from pruning.criteria import get_criterion
 from pruning.graph import GraphInfo, prunable_units
+from pruning.latency import latency_costs, latency_table, make_timer, predicted_latency
 from pruning.surgery import pruned_layers
 from utils.errors import UserInputError
 from utils.torch_utils import count_macs, count_parameters
@@ -52,11 +53,12 @@ class Ranking:
 
 
 def rank_channels(model, mode, criterion='gamma', cost=None, img_size=None, batches=None,
-                  info=None):
+                  info=None, table=None):
     """The Ranking of the channels `mode` prunes under `criterion` (a name registered in
     pruning/criteria.py). `cost` 'params' or 'macs' (at `img_size`) divides each score by
-    what cutting the channel saves; `batches`, a list of (images, targets), feeds the
-    criteria that need data."""
+    what cutting the channel saves, 'latency' by the seconds it saves by `table`
+    (pruning/latency.py); `batches`, a list of (images, targets), feeds the criteria
+    that need data."""
     kind = get_criterion(criterion)
     if kind.needs_data and not batches:
         raise UserInputError(f'--criterion {criterion} scores channels on training images: '
@@ -68,6 +70,9 @@ def rank_channels(model, mode, criterion='gamma', cost=None, img_size=None, batc
                              'grouped conv); try another mode')
     keys = kind.scores(model, info, units, batches)
     if cost is None:
+        return Ranking(criterion, cost, info, units, keys)
+    if cost == 'latency':  # seconds saved, floored above 0 by latency_costs
+        keys = [k / c for k, c in zip(keys, latency_costs(table, model, units))]
         return Ranking(criterion, cost, info, units, keys)
     costs = channel_costs(model, info, units, cost, img_size)
     keys = [k / c.clamp_min(1) for k, c in zip(keys, costs)]
@@ -156,7 +161,7 @@ def compact_cost(model, masks, img_size):
 
 
 def find_percent(model, mode, target, measure, img_size, layer_keep=None, round_to=None,
-                 resolution=1e-4, ranking=None, start=None):
+                 resolution=1e-4, ranking=None, start=None, table=None):
     """The smallest percent (a multiple of `resolution`) whose compact model removes at
     least the share `target` of the original's parameters (`measure` 'params') or MACs
     ('gmacs'). Cutting more channels never adds cost (the masks are nested as the
@@ -169,15 +174,13 @@ def find_percent(model, mode, target, measure, img_size, layer_keep=None, round_
         raise UserInputError(f'--target-{measure} {target}: must be in (0, 1), the share of '
                              f'the {measure} to remove (0.6 removes 60%)')
     ranking = ranking or rank_channels(model, mode)
-    index = 0 if measure == 'params' else 1
-    full = (count_parameters(model), count_macs(model, img_size))[index]
     attempts = {}
 
     def attempt(step):  # (plan, share removed) at percent step * resolution
         if step not in attempts:
             plan = plan_masks(model, mode, step * resolution, layer_keep, round_to,
                               ranking=ranking)
-            attempts[step] = plan, 1 - compact_cost(model, plan.masks, img_size)[index] / full
+            attempts[step] = plan, removed_share(model, plan.masks, measure, img_size, table)
         return attempts[step]
 
     high = round(1 / resolution) - 1  # a plan exists at step 0; search (0, high]
@@ -196,6 +199,16 @@ def find_percent(model, mode, target, measure, img_size, layer_keep=None, round_
     step = _first_reaching(lambda k: attempt(k)[1] >= target, 0, high, guess)
     plan, share = attempt(step)
     return step * resolution, plan, share
+
+
+def removed_share(model, masks, measure, img_size, table=None):
+    """The share of the model's parameters ('params'), MACs at img_size ('gmacs') or
+    latency predicted by `table` ('latency') that cutting by `masks` removes."""
+    if measure == 'latency':
+        return 1 - predicted_latency(table, model, masks) / table.latency
+    index = 0 if measure == 'params' else 1
+    full = (count_parameters(model), count_macs(model, img_size))[index]
+    return 1 - compact_cost(model, masks, img_size)[index] / full
 
 
 def _first_reaching(reaches, low, high, guess=None):
@@ -240,8 +253,12 @@ def threshold_plan(model, mode, settings, img_size, batches=None, start=None):
     the percent their target needs, searched from the percent `start` when given (the
     plan then carries `removed`, the share of the target's measure it removes).
     `batches` feed a criterion that scores on data."""
+    measure = settings.target[0] if settings.target else None
+    device = next(model.parameters()).device.type
+    table = (latency_table(model, mode, img_size, make_timer(device))
+             if 'latency' in (settings.cost, measure) else None)
     ranking = rank_channels(model, mode, settings.criterion, settings.ranking_cost, img_size,
-                            batches)
+                            batches, table=table)
     if settings.target is None:
         plan = plan_masks(model, mode, settings.percent, settings.layer_keep,
                           settings.round_to, ranking=ranking)
@@ -249,6 +266,6 @@ def threshold_plan(model, mode, settings, img_size, batches=None, start=None):
         return plan
     measure, target = settings.target
     _, plan, share = find_percent(model, mode, target, measure, img_size, settings.layer_keep,
-                                  settings.round_to, ranking=ranking, start=start)
+                                  settings.round_to, ranking=ranking, start=start, table=table)
     plan.removed = share
     return plan

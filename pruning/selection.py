@@ -11,6 +11,7 @@ tournament bounds the cost: every candidate first on a quarter of the images, th
 best few on all of them.
 """
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from terminaltables import AsciiTable
@@ -69,9 +70,15 @@ def candidate_plans(model, mode, settings, img_size, batches):
             continue
         key = tuple(bytes(plan.masks[i].numpy()) for i in sorted(plan.masks))
         found.setdefault(key, Candidate([], plan)).settings.append(tried)
-    if not found:
-        raise UserInputError(refusals[0])
+    if not found:  # the refusal of the candidate that came closest
+        raise UserInputError(max(refusals, key=_most_removed))
     return list(found.values())
+
+
+def _most_removed(refusal):
+    """The share a refusal says its candidate removes at most (0 when it says none)."""
+    found = re.search(r'at most ([0-9.]+)%', refusal)
+    return float(found.group(1)) if found else 0.0
 
 
 def held_out_map(model, plan, calibration, held_out):

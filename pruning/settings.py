@@ -18,13 +18,15 @@ DEFAULT_CRITERION = AUTO
 # criterion of benchmarks/criteria.py on the COCO-pretrained models
 FALLBACK_CRITERION = 'lamp'
 ALLOCATIONS = ('threshold', 'sensitivity')  # one global threshold, or measured per unit
-HELD_OUT_IMAGES = 64  # training images auto scores its candidates on, apart from calibration
+HELD_OUT_IMAGES = 128  # training images auto scores its candidates on, apart from calibration
 DEFAULT_PERCENT = 0.5
 CALIBRATION_IMAGES = 128  # BatchNorm recalibration, when training images are at hand
 # Kept widths rounded up to multiples of 8 (regular mode: powers of two): measured the
 # fastest or near it in PyTorch and ONNX Runtime for every mode (benchmarks/speed.py)
 DEFAULT_ROUND_TO = 8
-TARGETS = ('params', 'gmacs')  # --target-params, --target-gmacs: shares removed
+TARGETS = ('params', 'gmacs', 'latency')  # --target-params/-gmacs/-latency: shares removed
+# the cost a target ranks channels by unless --cost says otherwise
+TARGET_COSTS = {'params': 'params', 'gmacs': 'macs', 'latency': 'latency'}
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class PruneSettings:
         cost = self.cost
         if cost is None and kind:
             cost = ('none' if kind.default_cost is None else
-                    'macs' if self.target and self.target[0] == 'gmacs' else kind.default_cost)
+                    TARGET_COSTS[self.target[0]] if self.target else kind.default_cost)
         allowed = COSTS + ('none',) + (() if kind else (None,))  # auto: None tries both
         if cost not in allowed:
             raise UserInputError(f'--cost {cost}: choose one of {", ".join(COSTS)}, none')
@@ -103,12 +105,13 @@ class PruneSettings:
         measure (or only the --cost given), and the sensitivity allocation; each resolved
         with its own defaults and the floors given."""
         assert self.criterion == AUTO
-        measure = 'macs' if self.target and self.target[0] == 'gmacs' else 'params'
+        measure = TARGET_COSTS[self.target[0]] if self.target else 'params'
         costs = (self.cost,) if self.cost else ('none', measure)
         names = [n for n, kind in CRITERIA.items() if has_train or not kind.needs_data]
         tried = [dataclasses.replace(self, criterion=n, cost=c) for n in names for c in costs]
-        tried.append(dataclasses.replace(self, criterion=FALLBACK_CRITERION, cost=measure,
-                                         allocate='sensitivity'))
+        if measure != 'latency':  # the allocation's costs are counted, not measured
+            tried.append(dataclasses.replace(self, criterion=FALLBACK_CRITERION, cost=measure,
+                                             allocate='sensitivity'))
         return [t.resolve(mode, has_train) for t in tried]
 
     @property

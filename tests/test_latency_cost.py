@@ -205,3 +205,24 @@ def test_targets_the_timers_cannot_measure_are_refused():
         make_timer(precision='fp16', backend='onnxruntime')
     with pytest.raises(UserInputError, match='fp32 or fp16'):
         make_timer(precision='int4', backend='torch')
+
+
+@pytest.mark.parametrize('cfg,mode', CASES)
+def test_target_latency_prune_reaches_the_target_on_the_timer_truth(cfg, mode, monkeypatch,
+                                                                   tmp_path):
+    """The prune script's --target-latency road with the fake timer: the compact model it
+    writes is at most the asked share of the original's latency by the timer's own truth
+    (its convs at their real shapes), not only by the table's prediction."""
+    import pruning.plan
+    from cli.prune import main
+    from darknet.weights import save_weights
+    monkeypatch.setattr(pruning.plan, 'make_timer', lambda device: FakeTimer())
+    model = _model(cfg)
+    weights = str(tmp_path / 'model.weights')
+    save_weights(model, weights)
+    result = main(mode, ['--cfg', os.path.join(TEST_CFGS, cfg), '--weights', weights,
+                         '--img-size', '64', '--target-latency', '0.3', '--no-latency',
+                         '--output-dir', str(tmp_path / 'out')])
+    written = Darknet(result['cfg']).eval()
+    assert result['plan'].settings.cost == 'latency'
+    assert fake_latency(written, 64) <= (1 - 0.3 + 0.02) * fake_latency(model, 64)

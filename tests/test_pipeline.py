@@ -1,6 +1,7 @@
 """pipeline.py end to end on the tiny demo model and 16 training images: the report
-agrees with test.py on the final files, a run cut in two stages and run again ends with
-the same final files, and other commands and bad inputs are refused before training."""
+agrees with test.py on the final files, a run cut in two stages (mid-training and while
+writing the final files) and run again ends with the same final files, and other
+commands and bad inputs are refused before training."""
 import os
 import shutil
 import test as test_script
@@ -20,8 +21,8 @@ class Killed(BaseException):
 def _args(data, folder, *more):
     return ['--cfg', demo.TINY['cfg'], '--weights', demo.TINY['weights'], '--data', data,
             '--target-params', '0.6', '--sparsity-epochs', '2', '--finetune-epochs', '2',
-            '--batch-size', '8', '--workers', '2', '--no-latency', '--output-dir', folder,
-            *more]
+            '--batch-size', '8', '--workers', '2', '--no-latency', '--tolerance', '0',
+            '--output-dir', folder, *more]
 
 
 @pytest.fixture(scope='module')
@@ -60,6 +61,7 @@ def test_the_sweep_at_the_target_repeats_the_monitors_figure(full_run):
     target during training; the report prunes the saved file again."""
     folder, results = full_run
     sparse = results['2-sparsity']
+    assert sparse['epochs'] >= 1 and sparse['weights'].endswith('best_pruned.pt')
     row = next(r for r in results['6-report']['sweep'] if r['target'] == 0.6)
     assert sparse['pruned_map50'] is not None
     assert row['map50'] == pytest.approx(sparse['pruned_map50'], abs=1e-4)
@@ -86,29 +88,30 @@ def _cut(monkeypatch, module, name, when):
 def test_a_run_cut_twice_and_run_again_ends_with_the_same_files(full_run, demo_shapes,
                                                                   tmp_path, monkeypatch,
                                                                   capsys):
-    """Cut once after stage 3 wrote its pruned pair, then after the first fine-tuning
-    epoch's last.pt: the same command, run again, finishes byte for byte as the
-    uninterrupted run did, without repeating the stages that were done."""
+    """Cut once after the first fine-tuning epoch's last.pt, then in stage 5 after
+    final.cfg and final.weights were written: the same command, run again, finishes byte
+    for byte as the uninterrupted run did, without repeating the stages that were done."""
     straight, _ = full_run
     folder = str(tmp_path / 'run')
     from cli import pipeline_stages
-    _cut(monkeypatch, pipeline_stages.prune_cli, 'main', lambda mode, argv: True)
-    with pytest.raises(Killed):
-        pipeline_cli.main(_args(demo_shapes, folder))
-    assert os.listdir(os.path.join(folder, '3-prune'))  # the partial work is there
-    assert not os.path.exists(os.path.join(folder, '3-prune', 'done.json'))
-    monkeypatch.undo()
     _cut(monkeypatch, stopping, 'train_epoch', lambda run, epoch: not run.settings.sr)
     with pytest.raises(Killed):
         pipeline_cli.main(_args(demo_shapes, folder))
     assert stopping.committed_epochs(os.path.join(folder, '4-finetune')) == 1
     monkeypatch.undo()
+    _cut(monkeypatch, pipeline_stages, 'write_outputs', lambda *args, **kwargs: True)
     capsys.readouterr()
-    pipeline_cli.main(_args(demo_shapes, folder))
+    with pytest.raises(Killed):
+        pipeline_cli.main(_args(demo_shapes, folder))
     out = capsys.readouterr().out
-    assert '[1/6] evaluate the input: done earlier, skipped' in out
     assert '[3/6] prune at the target: done earlier, skipped' in out
     assert '[4/6] fine-tune (resumed)' in out and 'epochs 2..2' in out
+    assert os.path.isfile(os.path.join(folder, 'final.weights'))  # the partial work
+    assert not os.path.exists(os.path.join(folder, '5-final', 'done.json'))
+    monkeypatch.undo()
+    pipeline_cli.main(_args(demo_shapes, folder))
+    out = capsys.readouterr().out
+    assert '[4/6] fine-tune: done earlier, skipped' in out and '[5/6] final' in out
     for name in ('final.cfg', 'final.weights', 'final.onnx'):
         with open(os.path.join(folder, name), 'rb') as a, \
                 open(os.path.join(straight, name), 'rb') as b:
@@ -126,6 +129,21 @@ def test_another_command_on_a_run_folder_is_refused(full_run, demo_shapes, capsy
     pipeline_cli.main(_args(demo_shapes, folder))  # the same command: nothing to do
     assert 'finished earlier' in capsys.readouterr().out
     assert os.stat(weights).st_mtime_ns == stamp
+
+
+def test_a_model_that_prunes_well_already_skips_sparsity_training(demo_shapes, tmp_path):
+    """With the input pruned at the target within --tolerance of its own mAP, stage 2
+    trains nothing and stage 3 prunes the input itself."""
+    folder = str(tmp_path / 'run')
+    args = _args(demo_shapes, folder, '--tolerance', '0.9', '--finetune-epochs', '1')
+    results = pipeline_cli.main(args)
+    sparse = results['2-sparsity']
+    assert sparse['epochs'] == 0 and sparse['weights'] == demo.TINY['weights']
+    assert not os.path.exists(os.path.join(folder, '2-sparsity', 'last.pt'))
+    assert results['3-prune']['before']['map50'] == pytest.approx(
+        results['1-evaluate']['map50'], abs=1e-6)
+    with open(os.path.join(folder, 'report.md'), encoding='utf-8') as f:
+        assert 'No sparsity training' in f.read()
 
 
 def _broken_labels(data, tmp_path):

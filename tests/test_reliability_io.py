@@ -247,8 +247,8 @@ def test_test_and_prune_with_chinese_paths_and_spaces(chinese_set, tmp_path, cap
     code, _, err = _run(lambda a: prune('normal', a), common + ['--output-dir', str(out)],
                         capfd)
     assert code == 0, err
-    load_weights(Darknet(str(out / '权重 文件-normal-0.5.cfg')),
-                 str(out / '权重 文件-normal-0.5.weights'))
+    load_weights(Darknet(str(out / '模型 配置-normal-0.5.cfg')),  # named after the cfg
+                 str(out / '模型 配置-normal-0.5.weights'))
 
 
 def test_train_in_a_chinese_folder_with_a_relative_data_file(chinese_set, tmp_path,
