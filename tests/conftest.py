@@ -104,3 +104,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def shapes16(tmp_path_factory):
+    """16 training and 4 validation shapes images at 32x32, for quick training runs (a
+    test file may define its own)."""
+    from data.make_shapes import generate
+    folder = tmp_path_factory.mktemp('shapes16')
+    return str(generate(folder, seed=6, n_train=16, n_valid=4, img_size=32, plain=True,
+                        workers=1, progress=False))

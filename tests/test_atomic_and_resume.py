@@ -33,7 +33,6 @@ from conftest import ROOT, TEST_CFGS
 
 from darknet.model import Darknet
 from darknet.weights import conv_layers, darknet_tensors, load_weights
-from data.make_shapes import generate
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
 BIG_CFG = os.path.join(ROOT, 'cfg', 'yolov3-tiny.cfg')  # 8.9M parameters: 35 MB per write
@@ -192,13 +191,6 @@ def test_every_file_the_project_writes_goes_through_atomic_output():
 
 
 # ---------------------------------------------------------------- resume
-
-@pytest.fixture(scope='module')
-def shapes16(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('shapes16')
-    return str(generate(folder, seed=6, n_train=16, n_valid=4, img_size=32, plain=True,
-                        workers=1, progress=False))
-
 
 def _args(data, folder, epochs, batch_size=4, img_size=32):
     """An epoch takes about 60 ms (4 steps at 32x32); batch 1 at 64x64 about 1 s."""

@@ -9,19 +9,11 @@ from conftest import TEST_CFGS, randomize_weights
 
 import train
 from darknet.model import Darknet
-from data.make_shapes import generate
 from training import ema as ema_module
 from training import engine
 from training.ema import ModelEMA
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
-
-
-@pytest.fixture(scope='module')
-def shapes16(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('shapes16')
-    return str(generate(folder, seed=6, n_train=16, n_valid=4, img_size=32, plain=True,
-                        workers=1, progress=False))
 
 
 def _args(data, folder, epochs, *flags):

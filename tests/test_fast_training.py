@@ -14,18 +14,10 @@ from darknet.loss import compute_loss
 from darknet.model import Darknet
 from data import cache as cache_module
 from data.datasets import LoadImagesAndLabels, create_dataloader, default_workers
-from data.make_shapes import generate
 from training import engine
 from utils.errors import UserInputError, run_cli
 
 CFG = os.path.join(TEST_CFGS, 'small_detector.cfg')
-
-
-@pytest.fixture(scope='module')
-def shapes16(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('shapes16')
-    return str(generate(folder, seed=6, n_train=16, n_valid=4, img_size=32, plain=True,
-                        workers=1, progress=False))
 
 
 def _args(data, folder, epochs, *flags):
